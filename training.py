@@ -287,3 +287,63 @@ def load_backbone(path, num_classes, drop_path_rate=0.1, expect=None):
               + (f'; dropped pre-training parts: {", ".join(dropped)}' if dropped else '')
               + (f'; newly initialised: {", ".join(new)}' if new else ''))
     return vit, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact distributed evaluation (finetune.py, probe.py): every validation image counted once.
+# DistributedSampler pads the split with repeated images until it divides by the world size, so
+# its accuracy counts some images twice; here each rank takes its own indices without padding
+# and the correct counts and totals are summed over ranks.
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + world, rank + 2 world, ... of 0..n-1: the shards partition the split
+    exactly, without padding (they differ in size by at most one)."""
+
+    def __init__(self, n, world_size, rank):
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+@torch.no_grad()
+def evaluate(classifier, loader, device, dtype):
+    """Top-1 and top-5 accuracy (%) and the number of images seen, summed over all ranks.
+
+    `loader` yields (inputs, labels) batches of this rank's shard (ShardSampler), or None for a
+    batch of unreadable images; `classifier(inputs)` gives logits (B, classes). Ranks may hold
+    different numbers of batches: the only collective is the final all-reduce.
+    """
+    was_training = classifier.training
+    classifier.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, images
+    for batch in loader:
+        if batch is None:
+            continue
+        inputs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast(dtype, device):
+            logits = classifier(inputs)
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices        # (B, 5)
+        hits = top == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_tensor(len(labels))]).double()
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    classifier.train(was_training)
+    top1, top5, n = counts.tolist()
+    return dict(top1=100 * top1 / max(n, 1), top5=100 * top5 / max(n, 1), count=int(n))
+
+
+def record_result(path, **record):
+    """Print one `result:` line on rank 0 and append the record to the JSON-lines file `path`,
+    one line per run (results.jsonl), so a table of runs can be built from it."""
+    fields = '  '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}' for k, v in record.items())
+    print0(f'result: {fields}')
+    if is_main():
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        logger = JsonLogger(path)
+        logger.log(**record)
+        logger.close()
