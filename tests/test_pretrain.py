@@ -10,12 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 import model
 import pretrain
-import tokenizer
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,18 +41,10 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def folder(tmp_path_factory):
+def folder(make_demo_folder):
     """A 24-image ImageFolder of 32 px demo pictures and its pixel tokens (8x8 grid, vocabulary 16):
     3 steps per epoch at batch 8, so runs cross epoch boundaries in a few steps."""
-    root = tmp_path_factory.mktemp('images')
-    for i in range(24):
-        image, label = data.render_demo_image('train', i)
-        os.makedirs(root / 'train' / data.DEMO_CLASSES[label], exist_ok=True)
-        Image.fromarray(image).save(root / 'train' / data.DEMO_CLASSES[label] / f'{i:02d}.png')
-    tokens = str(root / 'tokens')
-    tokenizer.main(['--data', str(root), '--split', 'train', '--features', 'pixels', '--grid', '8', '--patch', '4',
-                    '--vocab', '16', '--sample', '1', '--out', tokens, '--device', 'cpu'])
-    return str(root), tokens
+    return make_demo_folder(train=24)
 
 
 def run_folder(folder, out, *extra):

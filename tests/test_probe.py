@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import model
 import pretrain
 import probe
-import tokenizer
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,19 +27,10 @@ def read_results(path):
 
 
 @pytest.fixture(scope='module')
-def folder(tmp_path_factory):
+def folder(make_demo_folder):
     """An ImageFolder of 32 px demo pictures, 40 train / 11 val images (11: not divisible by two
     processes), and the pixel tokens of its train split (vocabulary 16)."""
-    root = tmp_path_factory.mktemp('images')
-    for split, n in (('train', 40), ('val', 11)):
-        for i in range(n):
-            image, label = data.render_demo_image(split, i)
-            os.makedirs(root / split / data.DEMO_CLASSES[label], exist_ok=True)
-            Image.fromarray(image).save(root / split / data.DEMO_CLASSES[label] / f'{i:02d}.png')
-    tokens = str(root / 'tokens')
-    tokenizer.main(['--data', str(root), '--split', 'train', '--features', 'pixels', '--grid', '8', '--patch', '4',
-                    '--vocab', '16', '--sample', '1', '--out', tokens, '--device', 'cpu'])
-    return str(root), tokens
+    return make_demo_folder(train=40, val=11)
 
 
 @pytest.fixture(scope='module')
