@@ -3,7 +3,7 @@
 #
 # Pre-trains mim, beit, pim and mapet for the same budget (micro ViT, 3 epochs, batch 128, the
 # same seed), linear-probes each and a randomly initialised backbone, fine-tunes the mapet
-# backbone and a random one, draws the curves, and prints the table. ~30 min on 2 CPU cores.
+# backbone and a random one, draws the curves, and prints the table. ~21 min on 2 CPU cores.
 #
 #     bash study.sh                # everything in runs/study
 #     SEED=1 bash study.sh         # another seed, in runs/study_seed1
