@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -224,24 +224,6 @@ def eval_transform(img_size, eval_crop):
     ])
 
 
-class SeededSet(Dataset):
-    """(image, label) for the key (epoch, index) of pretrain.EpochSampler, its random transform
-    drawn from pretrain.seed_for(seed, epoch, index): the same in any worker, on any rank, after a
-    resume, while the process's own stream is left untouched."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(pretrain.seed_for(self.seed, epoch, i, 0))
-            return self.dataset[i]
-
-
 def eval_loader(dataset, batch_size, workers, d):
     """This rank's shard of the validation split, no image repeated (training.ShardSampler). Its
     private generator keeps evaluation off the process's stream, so a run that stops and evaluates
@@ -340,10 +322,7 @@ def check_resume(ckpt, args, path):
             flag = '--' + key.replace('_', '-')
             raise ValueError(f'{path} is a run with {flag} {was[key]}; this run asks for {flag} {getattr(args, key)}: '
                              f'pass {flag} {was[key]} to continue it, or another --out to start a new run')
-    changed = [f'--{k.replace("_", "-")} {getattr(args, k)} (was {v})' for k, v in sorted(was.items())
-               if k not in ('resume', 'steps') and getattr(args, k, v) != v]
-    if changed:
-        print0('resuming with changed settings: ' + ', '.join(changed))
+    training.report_changed_settings(was, args)
 
 
 def save(path, vit, optimizer, scaler, step, args, d):
@@ -356,15 +335,7 @@ def save(path, vit, optimizer, scaler, step, args, d):
 
 def main(argv=None):
     """Fine-tune (or with --eval-only evaluate); returns a summary dict (top1, top5, count, ...)."""
-    try:
-        args = resolve_args(get_args_parser().parse_args(argv))
-    except ValueError as e:
-        raise SystemExit(f'finetune.py: {e}') from None
-    d = training.setup_distributed()
-    try:
-        return run(args, d)
-    finally:
-        training.cleanup_distributed()
+    return training.run_command('finetune.py', get_args_parser(), resolve_args, run, argv)
 
 
 def run(args, d):
@@ -417,10 +388,7 @@ def run(args, d):
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         start_step = ckpt['step']
-        if len(ckpt['rng']) == W:  # restored last: building the model drew from the streams
-            training.set_rng_state(ckpt['rng'][d.rank])
-        else:
-            print0(f'resuming on {W} processes, saved on {len(ckpt["rng"])}: mixup and drop path draws will differ')
+        training.restore_rng_state(ckpt, d, 'mixup and drop path')
     elif d.is_main and os.path.exists(os.path.join(args.out, 'log.jsonl')):
         os.remove(os.path.join(args.out, 'log.jsonl'))  # a log of an earlier attempt that never reached a checkpoint
 
@@ -441,8 +409,8 @@ def run(args, d):
     step_model = ddp or vit
     sampler = pretrain.EpochSampler(train, W, d.rank, args.seed, per_epoch=steps_per_epoch * args.accum * micro)
     # A private generator: the loader must not draw from the process's stream (mixup, drop path use it).
-    loader = DataLoader(SeededSet(train, args.seed), batch_size=micro, sampler=sampler, num_workers=args.workers,
-                        collate_fn=data.collate_skip, pin_memory=device.type == 'cuda',
+    loader = DataLoader(pretrain.SeededSet(train, args.seed), batch_size=micro, sampler=sampler,
+                        num_workers=args.workers, collate_fn=data.collate_skip, pin_memory=device.type == 'cuda',
                         persistent_workers=args.workers > 0, drop_last=True, generator=torch.Generator())
     val_loader = eval_loader(val, micro, args.workers, d)
     mix = batch_mixer(args, len(classes))

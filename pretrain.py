@@ -152,22 +152,31 @@ class EpochSampler(DistributedSampler):
         return self.per_epoch - self.skip
 
 
-class PretrainSet(Dataset):
-    """(epoch, index, image, tokens [N]) for the key (epoch, index). The colour jitter is drawn from
-    seed_for(seed, epoch, index, 0): the same in any worker, on any rank, after a resume."""
+class SeededSet(Dataset):
+    """dataset[index] for the key (epoch, index) of EpochSampler, its random transform (the colour
+    jitter here; finetune.py's crops and RandAugment) drawn from seed_for(seed, epoch, index, 0): the
+    same in any worker, on any rank, after a resume."""
 
-    def __init__(self, tokenized, seed):
-        self.tokenized, self.seed = tokenized, seed
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
-        return len(self.tokenized)
+        return len(self.dataset)
 
     def __getitem__(self, key):
         epoch, i = key
         with torch.random.fork_rng(devices=[]):  # the process's own stream is left untouched
             torch.random.default_generator.manual_seed(seed_for(self.seed, epoch, i, 0))
-            item = self.tokenized[i]
-        return None if item is None else (epoch, i, *item)
+            return self.dataset[i]
+
+
+class PretrainSet(SeededSet):
+    """(epoch, index, image, tokens [N]) for the key (epoch, index) of a TokenizedDataset: the key
+    travels with the sample, so the step can draw its permutation or mask from it."""
+
+    def __getitem__(self, key):
+        item = super().__getitem__(key)
+        return None if item is None else (*key, *item)
 
 
 def draw_corruption(pre, epochs, indices, seed):
@@ -216,10 +225,7 @@ def check_resume(ckpt, args, path):
             run += '' if key in ('model', 'objective') else f' with {flag} {was[key]}'
             raise ValueError(f'{path} is a {run}; this run asks for {flag} {getattr(args, key)}: pass {flag} '
                              f'{was[key]} to continue it, or another --out to start a new run')
-    changed = [f'--{k.replace("_", "-")} {getattr(args, k)} (was {v})' for k, v in sorted(was.items())
-               if k not in ('resume', 'steps') and getattr(args, k, v) != v]
-    if changed:
-        print0('resuming with changed settings: ' + ', '.join(changed))
+    training.report_changed_settings(was, args)
 
 
 def restore(ckpt, path, pre, optimizer, scaler, d):
@@ -231,10 +237,7 @@ def restore(ckpt, path, pre, optimizer, scaler, d):
                          '--tokens changed? pass the token directory of that run') from None
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
-    if len(ckpt['rng']) == d.world_size:  # restored last: building the model drew from the streams
-        training.set_rng_state(ckpt['rng'][d.rank])
-    else:
-        print0(f'resuming on {d.world_size} processes, saved on {len(ckpt["rng"])}: drop path draws will differ')
+    training.restore_rng_state(ckpt, d, 'drop path')
     return ckpt['step'], ckpt['loss'], ckpt['token_acc']
 
 
@@ -300,15 +303,7 @@ def train_step(step_model, pre, ddp, batches, optimizer, scaler, args, dtype, de
 
 def main(argv=None):
     """Run pre-training; returns a summary dict (steps, epochs, final loss and accuracy, speed)."""
-    try:
-        args = resolve_args(get_args_parser().parse_args(argv))
-    except ValueError as e:
-        raise SystemExit(f'pretrain.py: {e}') from None
-    d = training.setup_distributed()
-    try:
-        return train(args, d)
-    finally:
-        training.cleanup_distributed()
+    return training.run_command('pretrain.py', get_args_parser(), resolve_args, train, argv)
 
 
 def train(args, d):

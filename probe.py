@@ -323,15 +323,7 @@ def load_token_sets(args, d):
 
 def main(argv=None):
     """Run one probe; returns its result dict (top1, top5, count, epochs, seconds, method)."""
-    try:
-        args = resolve_args(get_args_parser().parse_args(argv))
-    except ValueError as e:
-        raise SystemExit(f'probe.py: {e}') from None
-    d = training.setup_distributed()
-    try:
-        return run(args, d)
-    finally:
-        training.cleanup_distributed()
+    return training.run_command('probe.py', get_args_parser(), resolve_args, run, argv)
 
 
 def run(args, d):
@@ -417,7 +409,7 @@ def linear_parts(args, d, micro, dtype):
         # App. D: augmented images through the frozen backbone at every step.
         sampler = pretrain.EpochSampler(train, d.world_size, d.rank, args.seed,
                                         per_epoch=len(train) // args.batch_size * micro)
-        loader = DataLoader(finetune.SeededSet(train, args.seed), batch_size=micro, sampler=sampler,
+        loader = DataLoader(pretrain.SeededSet(train, args.seed), batch_size=micro, sampler=sampler,
                             num_workers=args.workers, collate_fn=data.collate_skip, drop_last=True,
                             pin_memory=d.device.type == 'cuda', persistent_workers=args.workers > 0,
                             generator=torch.Generator())

@@ -60,6 +60,20 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def run_command(script, parser, resolve_args, run, argv=None):
+    """What each stage's main() does: parse and check the flags (a bad value ends the command
+    with one line naming the script), join torchrun's processes, run(args, d), leave the group."""
+    try:
+        args = resolve_args(parser.parse_args(argv))
+    except ValueError as e:
+        raise SystemExit(f'{script}: {e}') from None
+    d = setup_distributed()
+    try:
+        return run(args, d)
+    finally:
+        cleanup_distributed()
+
+
 def is_main():
     return (dist.get_rank() if dist.is_initialized() else int(os.environ.get('RANK', 0))) == 0
 
@@ -96,6 +110,16 @@ def set_rng_state(state):
     keys, pos, has_gauss, gauss = state['numpy']
     np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state['python'])
+
+
+def restore_rng_state(ckpt, d, draws):
+    """This rank's RNG state from ckpt (saved by all_rng_states), restored last: building the model
+    drew from the streams. On another number of processes there is no state per rank: say which
+    `draws` will differ."""
+    if len(ckpt['rng']) == d.world_size:
+        set_rng_state(ckpt['rng'][d.rank])
+    else:
+        print0(f'resuming on {d.world_size} processes, saved on {len(ckpt["rng"])}: {draws} draws will differ')
 
 
 def all_rng_states():
@@ -188,6 +212,14 @@ def load_checkpoint(path):
         cause = (str(e).strip().splitlines() or [''])[0]
         raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {cause[:200]}): '
                          'it is damaged or was not written by this project') from None
+
+
+def report_changed_settings(was, args):
+    """Print the flags a resumed run changed (all but --resume and --steps) against its saved args."""
+    changed = [f'--{k.replace("_", "-")} {getattr(args, k)} (was {v})' for k, v in sorted(was.items())
+               if k not in ('resume', 'steps') and getattr(args, k, v) != v]
+    if changed:
+        print0('resuming with changed settings: ' + ', '.join(changed))
 
 
 class JsonLogger:
