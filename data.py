@@ -32,6 +32,7 @@ once per path per process and dropped by collate_skip, so a batch is never re-in
 mistake (unknown name, missing folder, no network, wrong token file) raises ValueError with a
 one-line message that says how to fix it.
 """
+import itertools
 import json
 import os
 import warnings
@@ -39,7 +40,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +64,25 @@ def pretrain_geometry(size):
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.CenterCrop(size),
     ])
+
+
+def eval_transform(img_size, eval_crop):
+    """Short side to img_size / eval_crop (bicubic), centre img_size crop, normalised: the
+    evaluation view of fine-tuning and probing (BEiT's 224/256 = 0.875)."""
+    return transforms.Compose([
+        transforms.Resize(int(img_size / eval_crop),
+                          interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# Crops of fine-tuning and probing: the paper's (BEiT / timm: random resized crops down to 8 % of
+# the area, evaluation at 224/256), and the demo's (on 32 px images 8 % of the area loses the shape).
+PAPER_CROPS = dict(crop_scale=0.08, eval_crop=0.875)
+DEMO_CROPS = dict(crop_scale=0.35, eval_crop=1.0)
+DEMO_TOKENS = os.path.join('runs', 'tokens', 'demo')   # made by tokenizer.py on the first demo run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +267,49 @@ def num_classes(dataset):
 def dataset_id(name):
     """How meta.json names a dataset: the name itself, or the real absolute path of a folder."""
     return name if name == 'demo' or name in TORCHVISION_DATASETS else os.path.realpath(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeded sampling: the loader is asked for (epoch, index) keys, so every random draw a sample
+# meets can be a function of (seed, epoch, index): the same on any number of processes.
+
+
+def seed_for(*keys):
+    """A 64-bit seed that is a pure function of the integer keys."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (shuffled by (seed, epoch); rank r takes every world-th index) yielding
+    (epoch, index) keys, only `per_epoch` of them (whole steps), after skipping `skip` (resume)."""
+
+    def __init__(self, dataset, world_size, rank, seed, per_epoch):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch, self.skip = per_epoch, 0
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in itertools.islice(super().__iter__(), self.skip, self.per_epoch))
+
+    def __len__(self):
+        return self.per_epoch - self.skip
+
+
+class SeededSet(Dataset):
+    """dataset[index] for the key (epoch, index) of EpochSampler, its random transform (the colour
+    jitter here; finetune.py's crops and RandAugment) drawn from seed_for(seed, epoch, index, 0): the
+    same in any worker, on any rank, after a resume."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):  # the process's own stream is left untouched
+            torch.random.default_generator.manual_seed(seed_for(self.seed, epoch, i, 0))
+            return self.dataset[i]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ from tqdm import tqdm
 
 import data
 import model
-import pretrain
 import training
 from training import print0
 
@@ -66,9 +65,9 @@ SIZES = {
 # the demo's. On 32 px images a crop of 8% of the area loses the shape; and in a few epochs on
 # 5,000 images RandAugment, erasing, mixup and cutmix keep the micro ViT at chance (measured: 10-12%
 # top-1 after 2 epochs with them, 14% without), so the demo turns them off.
-PAPER = dict(batch_size=1024, warmup_epochs=20, workers=10, crop_scale=0.08, eval_crop=0.875, randaug=9, reprob=0.25,
+PAPER = dict(batch_size=1024, warmup_epochs=20, workers=10, **data.PAPER_CROPS, randaug=9, reprob=0.25,
              mixup=0.8, cutmix=1.0)
-DEMO = dict(batch_size=128, warmup_epochs=0.5, workers=0, crop_scale=0.35, eval_crop=1.0, randaug=0, reprob=0, mixup=0,
+DEMO = dict(batch_size=128, warmup_epochs=0.5, workers=0, **data.DEMO_CROPS, randaug=0, reprob=0, mixup=0,
             cutmix=0)
 REFERENCE_BATCH = 1024             # Tab. 8's learning rates are for batch 1024, scaled linearly
 WARMUP_LR = 1e-6                   # Tab. 8
@@ -214,25 +213,6 @@ def train_transform(img_size, args):
     ])
 
 
-def eval_transform(img_size, eval_crop):
-    """Short side to img_size / eval_crop (bicubic), centre img_size crop: BEiT's 224/256 = 0.875."""
-    return transforms.Compose([
-        transforms.Resize(int(img_size / eval_crop), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-    ])
-
-
-def eval_loader(dataset, batch_size, workers, d):
-    """This rank's shard of the validation split, no image repeated (training.ShardSampler). Its
-    private generator keeps evaluation off the process's stream, so a run that stops and evaluates
-    mid-epoch resumes exactly."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=training.ShardSampler(len(dataset), d.world_size, d.rank),
-                      num_workers=workers, collate_fn=data.collate_skip, pin_memory=d.device.type == 'cuda',
-                      generator=torch.Generator())
-
-
 # ----------------------------------------------------------------------------------------------
 # The model: the pre-trained backbone + a new fc_norm and head (Sec. 5.1), layer-wise lr decay.
 
@@ -356,7 +336,7 @@ def run(args, d):
         if ckpt is not None:
             check_resume(ckpt, args, ckpt_path)
         img_size = vit.patch_embed.img_size
-        val = data.build_dataset(args.data, 'val', args.data_root, eval_transform(img_size, args.eval_crop))
+        val = data.build_dataset(args.data, 'val', args.data_root, data.eval_transform(img_size, args.eval_crop))
         dtype = training.resolve_dtype(args.dtype, device)
         if args.eval_only and 'newly initialised' in report:
             raise ValueError(f'{args.checkpoint} holds no classifier for the {len(classes)} classes of {args.data}: '
@@ -368,7 +348,7 @@ def run(args, d):
     micro = args.batch_size // (W * args.accum)            # images per process per forward pass
     start_time = time.time()
     if args.eval_only:
-        result = training.evaluate(vit, eval_loader(val, micro, args.workers, d), device, dtype)
+        result = training.evaluate(vit, training.eval_loader(val, micro, args.workers, d), device, dtype)
         return finish(args, result, 0, time.time() - start_time, 'eval')
 
     try:
@@ -407,12 +387,12 @@ def run(args, d):
 
     ddp = DistributedDataParallel(vit, device_ids=[d.local_rank] if device.type == 'cuda' else None) if W > 1 else None
     step_model = ddp or vit
-    sampler = pretrain.EpochSampler(train, W, d.rank, args.seed, per_epoch=steps_per_epoch * args.accum * micro)
+    sampler = data.EpochSampler(train, W, d.rank, args.seed, per_epoch=steps_per_epoch * args.accum * micro)
     # A private generator: the loader must not draw from the process's stream (mixup, drop path use it).
-    loader = DataLoader(pretrain.SeededSet(train, args.seed), batch_size=micro, sampler=sampler,
+    loader = DataLoader(data.SeededSet(train, args.seed), batch_size=micro, sampler=sampler,
                         num_workers=args.workers, collate_fn=data.collate_skip, pin_memory=device.type == 'cuda',
                         persistent_workers=args.workers > 0, drop_last=True, generator=torch.Generator())
-    val_loader = eval_loader(val, micro, args.workers, d)
+    val_loader = training.eval_loader(val, micro, args.workers, d)
     mix = batch_mixer(args, len(classes))
     log = training.JsonLogger(os.path.join(args.out, 'log.jsonl'))
     bar = tqdm(total=last_step, initial=start_step, disable=not d.is_main, desc='finetune', dynamic_ncols=True)

@@ -26,17 +26,15 @@ Shape letters: B batch, N patches, M targets, K vocabulary, G grid side.
 """
 import argparse
 import contextlib
-import itertools
 import math
 import os
 import resource
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -51,7 +49,7 @@ from training import print0
 PAPER = dict(model='base', epochs=300, batch_size=2048, lr=1.5e-3, warmup_epochs=10, workers=10, tokens=None,
              save_every=500, log_every=50)
 DEMO = dict(model='micro', epochs=3, batch_size=128, lr=3.2e-2, warmup_epochs=0.5, workers=0,
-            tokens=os.path.join('runs', 'tokens', 'demo'), save_every=100, log_every=10)
+            tokens=data.DEMO_TOKENS, save_every=100, log_every=10)
 WARMUP_LR = 1e-6                   # Tab. 7: the warmup starts from 1e-6
 BETAS, EPS = (0.9, 0.999), 1e-8    # Tab. 7: AdamW
 
@@ -132,45 +130,7 @@ def resolve_args(args):
 # Data. The loader is asked for (epoch, index) keys, so every random draw can depend on them.
 
 
-def seed_for(*keys):
-    """A 64-bit seed that is a pure function of the integer keys."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
-
-
-class EpochSampler(DistributedSampler):
-    """DistributedSampler (shuffled by (seed, epoch); rank r takes every world-th index) yielding
-    (epoch, index) keys, only `per_epoch` of them (whole steps), after skipping `skip` (resume)."""
-
-    def __init__(self, dataset, world_size, rank, seed, per_epoch):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.per_epoch, self.skip = per_epoch, 0
-
-    def __iter__(self):
-        return ((self.epoch, i) for i in itertools.islice(super().__iter__(), self.skip, self.per_epoch))
-
-    def __len__(self):
-        return self.per_epoch - self.skip
-
-
-class SeededSet(Dataset):
-    """dataset[index] for the key (epoch, index) of EpochSampler, its random transform (the colour
-    jitter here; finetune.py's crops and RandAugment) drawn from seed_for(seed, epoch, index, 0): the
-    same in any worker, on any rank, after a resume."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        with torch.random.fork_rng(devices=[]):  # the process's own stream is left untouched
-            torch.random.default_generator.manual_seed(seed_for(self.seed, epoch, i, 0))
-            return self.dataset[i]
-
-
-class PretrainSet(SeededSet):
+class PretrainSet(data.SeededSet):
     """(epoch, index, image, tokens [N]) for the key (epoch, index) of a TokenizedDataset: the key
     travels with the sample, so the step can draw its permutation or mask from it."""
 
@@ -185,17 +145,9 @@ def draw_corruption(pre, epochs, indices, seed):
     rows = []
     with torch.random.fork_rng(devices=[]):
         for epoch, i in zip(epochs.tolist(), indices.tolist()):
-            torch.random.default_generator.manual_seed(seed_for(seed, epoch, i, 1))
+            torch.random.default_generator.manual_seed(data.seed_for(seed, epoch, i, 1))
             rows.append(pre.draw_perm(1) if pre.two_stream else pre.draw_mask(1))
     return torch.cat(rows)
-
-
-def ensure_demo_tokens(args, d):
-    """Make the demo's token files with tokenizer.py's code on the first run (~20 s on a CPU)."""
-    if args.data == 'demo' and not os.path.isfile(os.path.join(args.tokens, 'tokens.npy')):
-        print0(f'no demo tokens in {args.tokens}: making them first (tokenizer.py --data demo --features pixels)')
-        tokenizer.main(['--data', 'demo', '--split', 'train', '--features', 'pixels', '--out', args.tokens,
-                        '--device', d.device.type])
 
 
 def build_data(args, img_size, grid):
@@ -319,7 +271,8 @@ def train(args, d):
         elif os.path.exists(ckpt_path):
             raise ValueError(f'{ckpt_path} exists: pass --resume to continue that run, or another --out (or delete '
                              'it) to start a new one')
-        ensure_demo_tokens(args, d)
+        if args.data == 'demo':
+            tokenizer.ensure_demo_tokens(args.tokens, 'train', d.device)
         training.seed_everything(args.seed, d.rank)  # after the tokenizer, which draws from the streams
         # Sec. 3, 4.1: a ViT plus the objective's mask token and token classifier. The backbone's own
         # classifier takes no part: head is Identity (num_classes=0) and fc_norm is frozen, so DDP
@@ -364,7 +317,7 @@ def train(args, d):
     step_model = ddp or pre
     if args.compile:
         step_model = torch.compile(step_model)            # checkpoints still come from `pre`, uncompiled
-    sampler = EpochSampler(dataset, W, d.rank, args.seed, per_epoch=steps_per_epoch * accum * micro)
+    sampler = data.EpochSampler(dataset, W, d.rank, args.seed, per_epoch=steps_per_epoch * accum * micro)
     # A private generator: the loader must not draw from the process's stream (drop path uses it).
     loader = DataLoader(PretrainSet(data.TokenizedDataset(dataset, tokens, meta.get('skipped', ())), args.seed),
                         batch_size=micro, sampler=sampler, num_workers=args.workers, collate_fn=data.collate_skip,

@@ -46,9 +46,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import data
-import finetune
 import model
-import pretrain
 import tokenizer
 import training
 from training import print0
@@ -67,10 +65,9 @@ RECIPES = {'linear': dict(lr=4e-3, weight_decay=1e-4), 'tokens-mlp': dict(lr=2e-
 DEMO_RECIPES = {'linear': dict(lr=1.6), 'tokens-mlp': dict(epochs=20), 'tokens-vit': dict(epochs=3)}
 # The defaults that --data selects: the paper's (App. D; crops as in finetune.py), or the demo's.
 PAPER = dict(epochs=50, batch_size=1024, warmup_epochs=5, workers=10, cached=False, tokens=None, val_tokens=None,
-             crop_scale=finetune.PAPER['crop_scale'], eval_crop=finetune.PAPER['eval_crop'])
-DEMO = dict(epochs=50, batch_size=256, warmup_epochs=1, workers=0, cached=True, tokens=pretrain.DEMO['tokens'],
-            val_tokens=pretrain.DEMO['tokens'] + '_val', crop_scale=finetune.DEMO['crop_scale'],
-            eval_crop=finetune.DEMO['eval_crop'])
+             **data.PAPER_CROPS)
+DEMO = dict(epochs=50, batch_size=256, warmup_epochs=1, workers=0, cached=True, tokens=data.DEMO_TOKENS,
+            val_tokens=data.DEMO_TOKENS + '_val', **data.DEMO_CROPS)
 TOKEN_MLP = dict(embed_dim=192, hidden=768)   # Tab. 4: the sizes are lost from the paper's text
 OPTIONAL = {'checkpoint', 'cached', 'crop_scale', 'eval_crop', 'tokens', 'val_tokens', 'model', 'embed_dim', 'hidden'}
 WARMUP_LR, MIN_LR = 1e-6, 1e-6
@@ -219,7 +216,7 @@ def probe_transform(img_size, crop_scale):
 @torch.no_grad()
 def extract(probe, dataset, batch_size, workers, d, dtype):
     """(features (n_r, D) float32 CPU, labels (n_r,)) of this rank's shard of `dataset`."""
-    loader = finetune.eval_loader(dataset, batch_size, workers, d)
+    loader = training.eval_loader(dataset, batch_size, workers, d)
     features, labels = [], []
     for batch in tqdm(loader, disable=not d.is_main, desc='features', leave=False, dynamic_ncols=True):
         if batch is None:
@@ -284,21 +281,12 @@ class TokenSet(Dataset):
         return torch.from_numpy(self.tokens[i].astype(np.int64).reshape(-1)), int(self.labels[i])
 
 
-def ensure_demo_tokens(args, d):
-    """Make the demo's train and val token files with tokenizer.py's code if missing (~30 s)."""
-    if args.data != 'demo':
-        return
-    for split, out, extra in (('train', args.tokens, ['--features', 'pixels']),
-                              ('val', args.val_tokens, ['--codebook', args.tokens])):
-        if not os.path.isfile(os.path.join(out, 'tokens.npy')):
-            print0(f'no demo {split} tokens in {out}: making them first (tokenizer.py --data demo --split {split})')
-            tokenizer.main(['--data', 'demo', '--split', split, *extra, '--out', out, '--device', d.device.type])
-
-
 def load_token_sets(args, d):
     """(train TokenSet, val TokenSet, classes, vocabulary, grid), the token files checked against
     the dataset and against each other (the same codebook)."""
-    ensure_demo_tokens(args, d)
+    if args.data == 'demo':
+        tokenizer.ensure_demo_tokens(args.tokens, 'train', d.device)
+        tokenizer.ensure_demo_tokens(args.val_tokens, 'val', d.device, codebook=args.tokens)
     sets = []
     for split, token_dir in (('train', args.tokens), ('val', args.val_tokens)):
         dataset = data.build_dataset(args.data, split, args.data_root)
@@ -400,16 +388,16 @@ def linear_parts(args, d, micro, dtype):
     backbone, report = load_frozen_backbone(args)
     print0(report)
     img_size = backbone.patch_embed.img_size
-    val = data.build_dataset(args.data, 'val', args.data_root, finetune.eval_transform(img_size, args.eval_crop))
+    val = data.build_dataset(args.data, 'val', args.data_root, data.eval_transform(img_size, args.eval_crop))
     probe = LinearProbe(backbone, len(val.classes)).to(d.device)
     train_aug = probe_transform(img_size, args.crop_scale)
     train = data.build_dataset(args.data, 'train', args.data_root,
-                               finetune.eval_transform(img_size, args.eval_crop) if args.cached else train_aug)
+                               data.eval_transform(img_size, args.eval_crop) if args.cached else train_aug)
     if not args.cached:
         # App. D: augmented images through the frozen backbone at every step.
-        sampler = pretrain.EpochSampler(train, d.world_size, d.rank, args.seed,
+        sampler = data.EpochSampler(train, d.world_size, d.rank, args.seed,
                                         per_epoch=len(train) // args.batch_size * micro)
-        loader = DataLoader(pretrain.SeededSet(train, args.seed), batch_size=micro, sampler=sampler,
+        loader = DataLoader(data.SeededSet(train, args.seed), batch_size=micro, sampler=sampler,
                             num_workers=args.workers, collate_fn=data.collate_skip, drop_last=True,
                             pin_memory=d.device.type == 'cuda', persistent_workers=args.workers > 0,
                             generator=torch.Generator())
@@ -417,7 +405,7 @@ def linear_parts(args, d, micro, dtype):
         def train_batches(epoch):
             sampler.set_epoch(epoch)
             return iter(loader)
-        val_loader = finetune.eval_loader(val, micro, args.workers, d)
+        val_loader = training.eval_loader(val, micro, args.workers, d)
         return 'linear', args.checkpoint, probe, probe.head, probe.features, train_batches, len(train), val_loader
     # --cached: every rank extracts its own shards once and trains on them.
     print0('--cached: features of un-augmented centre crops, extracted once (a fast approximation of the paper\'s '
@@ -431,7 +419,7 @@ def linear_parts(args, d, micro, dtype):
 
     def train_batches(epoch):
         order = torch.randperm(len(local), generator=torch.Generator().manual_seed(
-            pretrain.seed_for(args.seed, epoch, d.rank)))
+            data.seed_for(args.seed, epoch, d.rank)))
         return iter(DataLoader(local, batch_size=micro, sampler=order.tolist(), drop_last=True))
     # An evaluation loader over this rank's cached validation shard: training.evaluate sums over ranks.
     val_loader = DataLoader(TensorDataset(val_x, val_y), batch_size=micro)
@@ -459,7 +447,7 @@ def token_parts(args, d, micro):
         sampler.set_epoch(epoch)
         return iter(loader)
     return (args.method, args.tokens, net, net, lambda x: x, train_batches, len(train),
-            finetune.eval_loader(val, micro, args.workers, d))
+            training.eval_loader(val, micro, args.workers, d))
 
 
 if __name__ == '__main__':

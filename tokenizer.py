@@ -434,5 +434,18 @@ def main(argv=None):
     return meta
 
 
+
+def ensure_demo_tokens(out, split, device, codebook=None):
+    """Make the demo's pixel tokens in `out` on the first run (~20 s on a CPU): pretrain.py and
+    probe.py call it, so the quick start needs no tokenizer command of its own."""
+    if os.path.isfile(os.path.join(out, 'tokens.npy')):
+        return
+    fit = ['--codebook', codebook] if codebook else ['--features', 'pixels']
+    if world()[0] == 0:
+        print(f'no demo {split} tokens in {out}: making them first (python tokenizer.py --data demo '
+              f'--split {split} {" ".join(fit)} --out {out})')
+    main(['--data', 'demo', '--split', split, *fit, '--out', out, '--device', device.type])
+
+
 if __name__ == '__main__':
     main()

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
+import data
 import model
 
 # ----------------------------------------------------------------------------------------------
@@ -247,16 +249,23 @@ def git_revision():
         return 'unknown'
 
 
-def start_run(args, out_dir, d):
-    """Print the sorted arguments and the git revision on rank 0; save them to out_dir/args.json."""
-    os.makedirs(out_dir, exist_ok=True)
+def print_run(args, d=None):
+    """Print the git revision and the sorted arguments on rank 0 (every script starts so); the revision."""
     revision = git_revision()
-    settings = dict(sorted(vars(args).items()))
-    print0(f'git revision {revision}, {d.world_size} process(es) on {d.device.type}')
-    print0('  '.join(f'{k}={v}' for k, v in settings.items()))
+    where = f', {d.world_size} process(es) on {d.device.type}' if d is not None else ''
+    print0(f'git revision {revision}{where}')
+    print0('  '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+    return revision
+
+
+def start_run(args, out_dir, d):
+    """print_run, and save the arguments and revision to out_dir/args.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    revision = print_run(args, d)
     if d.is_main:
         with open(os.path.join(out_dir, 'args.json'), 'w') as f:
-            json.dump(dict(args=settings, git=revision, world_size=d.world_size, torch=torch.__version__), f, indent=1)
+            json.dump(dict(args=dict(sorted(vars(args).items())), git=revision, world_size=d.world_size,
+                           torch=torch.__version__), f, indent=1)
     return revision
 
 
@@ -372,6 +381,7 @@ def evaluate(classifier, loader, device, dtype):
 def record_result(path, **record):
     """Print one `result:` line on rank 0 and append the record to the JSON-lines file `path`,
     one line per run (results.jsonl), so a table of runs can be built from it."""
+    record = dict(record, git=git_revision())
     fields = '  '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}' for k, v in record.items())
     print0(f'result: {fields}')
     if is_main():
@@ -379,3 +389,13 @@ def record_result(path, **record):
         logger = JsonLogger(path)
         logger.log(**record)
         logger.close()
+
+
+def eval_loader(dataset, batch_size, workers, d):
+    """This rank's shard of the validation split, no image repeated (ShardSampler). Its private
+    generator keeps evaluation off the process's stream, so a run that stops and evaluates
+    mid-epoch resumes exactly."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      sampler=ShardSampler(len(dataset), d.world_size, d.rank),
+                      collate_fn=data.collate_skip, pin_memory=d.device.type == 'cuda',
+                      generator=torch.Generator())

@@ -182,7 +182,7 @@ def test_mismatched_token_file_is_refused_naming_both_values(tmp_path, args, the
     with pytest.raises(ValueError) as e:
         data.load_tokens(str(tmp_path), *args[:4], vocab_size=args[4])
     msg = str(e.value)
-    assert f'made for' in msg and theirs in msg and f'this run uses {ours}' in msg and 'tokenizer.py' in msg
+    assert 'made for' in msg and theirs in msg and f'this run uses {ours}' in msg and 'tokenizer.py' in msg
 
 
 def test_missing_or_damaged_token_file(tmp_path):
