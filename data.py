@@ -1,37 +1,18 @@
-"""Datasets, the shared pre-training geometry, and the token files: where every stage gets its images.
+"""Datasets, the pre-training geometry and the token files: where every stage gets its images.
 
-Paper: Sec. 4.2 (k-CLIP tokens are computed once per image and stored) and Sec. 5.1 ("our
-pre-training augmentation policy only includes color jittering to preserve image patch positions
-corresponding to the pre-extracted visual tokens"): the tokenizer and pre-training must cut the
-image with the same geometry, so this file holds the one function that does it.
+Sec. 4.2: k-CLIP tokens are computed once per image and stored; Sec. 5.1: pre-training uses only
+colour jitter "to preserve image patch positions corresponding to the pre-extracted visual
+tokens", so the tokenizer and pre-training cut images with the one pretrain_geometry.
 
     import data
     ds = data.build_dataset('demo', 'train', transform=...)   # (image, label) pairs, ds.classes
-    geometry = data.pretrain_geometry(224)                     # short-side resize + centre crop
     tokens, meta = data.load_tokens('runs/tok_train', 'demo', 'train', len(ds), grid=8)
     pairs = data.TokenizedDataset(ds, tokens, meta['skipped'])  # (image, tokens [G*G] int64)
-    loader = DataLoader(pairs, batch_size=64, collate_fn=data.collate_skip)
 
-API (stable; pretrain.py, finetune.py, probe.py, tokenizer.py and visualize.py use it):
-    build_dataset(name, split, root='data', transform=None) -> Dataset of (transform(PIL RGB), label)
-        name: 'demo' | an ImageFolder root holding train/ and val/ | one of TORCHVISION_DATASETS
-        split: 'train' | 'val' (torchvision sets: their train / test split)
-    DemoDataset(split, seed=0, transform=None)   the built-in 32 px set, 10 shape classes
-    num_classes(dataset)
-    pretrain_geometry(size)                      the one pre-training crop (tokenizer and pretrain)
-    IMAGENET_MEAN, IMAGENET_STD                  input normalisation of the ViT stages
-    IndexedDataset(dataset)                      (index, image, label)
-    TokenizedDataset(dataset, tokens, skipped=())  (image, tokens [G*G] int64), aligned by index
-    collate_skip(batch)                          the collate_fn of every DataLoader (drops None)
-    dataset_id(name)                             how a dataset is named in meta.json
-    load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=None) -> (tokens, meta)
-    write_tokens(out_dir, tokens, codebook, meta)
-
-Unreadable image files (a truncated JPEG in an ImageFolder) come back as None, are warned about
-once per path per process and dropped by collate_skip, so a batch is never re-indexed. Every user
-mistake (unknown name, missing folder, no network, wrong token file) raises ValueError with a
-one-line message that says how to fix it.
+Unreadable images come back as None (warned once per path) and collate_skip drops them. A user
+mistake (unknown name, missing folder, no network, wrong token file) is a one-line ValueError.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -48,18 +29,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SPLITS = ('train', 'val')
 
-# ----------------------------------------------------------------------------------------------
-# The shared pre-training geometry (Sec. 5.1).
-
-
 def pretrain_geometry(size):
-    """Resize the short side to `size` (bicubic, antialiased), then crop the centre `size` square.
-
-    The tokenizer calls it at 32*G px (CLIP's layer4 has stride 32) and pre-training at patch*G px,
-    so token (i, j) always describes the square the ViT sees as patch (i, j). No random crop or
-    flip may follow it in pre-training: only colour jitter, which keeps every patch in place.
-    For an image that is already size x size (the 32 px demo at size 32) it is the identity.
-    """
+    """Short side to `size` (bicubic), centre `size` crop (Sec. 5.1). The tokenizer calls it at
+    32*G px (CLIP's stride), pre-training at patch*G px: token (i, j) describes patch (i, j)."""
     return transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.CenterCrop(size),
@@ -67,8 +39,7 @@ def pretrain_geometry(size):
 
 
 def eval_transform(img_size, eval_crop):
-    """Short side to img_size / eval_crop (bicubic), centre img_size crop, normalised: the
-    evaluation view of fine-tuning and probing (BEiT's 224/256 = 0.875)."""
+    """Short side to img_size / eval_crop (BEiT: 224/256 = 0.875), centre crop, normalised."""
     return transforms.Compose([
         transforms.Resize(int(img_size / eval_crop),
                           interpolation=transforms.InterpolationMode.BICUBIC),
@@ -78,14 +49,13 @@ def eval_transform(img_size, eval_crop):
     ])
 
 
-# Crops of fine-tuning and probing: the paper's (BEiT / timm: random resized crops down to 8 % of
-# the area, evaluation at 224/256), and the demo's (on 32 px images 8 % of the area loses the shape).
+# Fine-tuning and probing crops: the paper's (BEiT / timm), the demo's (8 % of 32 px: no shape)
 PAPER_CROPS = dict(crop_scale=0.08, eval_crop=0.875)
 DEMO_CROPS = dict(crop_scale=0.35, eval_crop=1.0)
 DEMO_TOKENS = os.path.join('runs', 'tokens', 'demo')   # made by tokenizer.py on the first demo run
 
 
-# ----------------------------------------------------------------------------------------------
+# ------------------------------
 # The built-in demo set: 32 px images of 10 shapes, generated from (split, index, seed).
 
 DEMO_CLASSES = ('disc', 'ring', 'square', 'diamond', 'triangle', 'cross', 'stripes',
@@ -97,56 +67,52 @@ _demo_cache = {}
 
 
 def _shape_sdf(label, rng, u, v, r):
-    """Signed distance (px, < 0 inside) of shape `label` in coordinates (u, v) centred on it."""
-    rho = np.hypot(u, v)
-    if label == 0:                                  # disc
+    """Signed distance (px, < 0 inside) of shape `label` (DEMO_CLASSES) at (u, v) off centre."""
+    rho, au, av = np.hypot(u, v), np.abs(u), np.abs(v)
+    if label == 0:
         return rho - r
-    if label == 1:                                  # ring
+    if label == 1:
         return np.abs(rho - 0.8 * r) - rng.uniform(1.2, 2.2)
-    if label in (2, 3):                             # square / diamond: the same box, turned 0 / 45 deg
+    if label in (2, 3):                             # the same box, turned 0 / 45 degrees
         t = rng.uniform(-0.25, 0.25) + (np.pi / 4 if label == 3 else 0.0)
         a, b = u * np.cos(t) + v * np.sin(t), v * np.cos(t) - u * np.sin(t)
         return np.maximum(np.abs(a), np.abs(b)) - 0.75 * r
-    if label == 4:                                  # triangle, any orientation
+    if label == 4:
         t = rng.uniform(0, 2 * np.pi) + np.arange(3)[:, None, None] * 2 * np.pi / 3
         return (u * np.cos(t) + v * np.sin(t)).max(0) - 0.5 * r
-    if label == 5:                                  # plus-shaped cross
+    if label == 5:
         w = 0.3 * r
-        return np.minimum(np.maximum(np.abs(u) - r, np.abs(v) - w), np.maximum(np.abs(u) - w, np.abs(v) - r))
-    if label == 6:                                  # disc filled with stripes at any angle
+        return np.minimum(np.maximum(au - r, av - w), np.maximum(au - w, av - r))
+    if label == 6:
         t, period = rng.uniform(0, np.pi), rng.uniform(3.0, 5.0)
         stripes = np.sin(2 * np.pi * (u * np.cos(t) + v * np.sin(t)) / period)
         return np.maximum(rho - r, -stripes * period / 4)
-    if label == 7:                                  # square filled with a checkerboard
+    if label == 7:
         cell = rng.uniform(2.5, 4.0)
         checks = np.sin(np.pi * u / cell) * np.sin(np.pi * v / cell)
-        return np.maximum(np.maximum(np.abs(u), np.abs(v)) - 0.8 * r, -checks * cell)
+        return np.maximum(np.maximum(au, av) - 0.8 * r, -checks * cell)
     t = rng.uniform(0, 2 * np.pi)
     du, dv = np.cos(t), np.sin(t)
-    if label == 8:                                  # two blobs side by side
+    if label == 8:
         d = 0.6 * r
-        return np.minimum(np.hypot(u - d * du, v - d * dv), np.hypot(u + d * du, v + d * dv)) - 0.5 * r
-    # crescent: a disc with a shifted disc cut out
+        return np.minimum(np.hypot(u - d * du, v - d * dv), np.hypot(u + d * du, v + d * dv)) - r/2
     return np.maximum(rho - r, 0.85 * r - np.hypot(u - 0.5 * r * du, v - 0.5 * r * dv))
 
 
 def render_demo_image(split, index, seed=0):
-    """One demo image: uint8 [32, 32, 3] and its label (index % 10, so classes are balanced).
-
-    Colours, background gradient and texture, noise, position, size and orientation are drawn at
-    random, so telling the classes apart needs the shape, not the colour.
-    """
+    """uint8 [32, 32, 3] and label index % 10; colours, background, noise, place, size and turn
+    are random: only the shape tells the classes apart."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     label = index % len(DEMO_CLASSES)
     bg = rng.uniform(0, 1, 3).astype(np.float32)
     fg = rng.uniform(0, 1, 3).astype(np.float32)
     if np.abs(fg - bg).max() < 0.4:                 # keep the shape visible
         fg = np.where(bg > 0.5, bg - rng.uniform(0.4, 0.5, 3), bg + rng.uniform(0.4, 0.5, 3))
-    # background: a colour gradient plus a faint oriented wave
     g, w = rng.normal(size=2), rng.uniform(-1, 1, 2)
     ramp = (g[0] * (_X - 16) + g[1] * (_Y - 16)) / 32
     wave = np.sin(w[0] * _X + w[1] * _Y + rng.uniform(0, 2 * np.pi))
-    img = bg + ramp[..., None] * rng.uniform(-0.3, 0.3, 3) + wave[..., None] * rng.uniform(0, 0.08, 3)
+    img = (bg + ramp[..., None] * rng.uniform(-0.3, 0.3, 3)
+           + wave[..., None] * rng.uniform(0, 0.08, 3))
     r = rng.uniform(6.0, 10.0)
     cx, cy = rng.uniform(r * 0.8 + 1, _DEMO_PX - r * 0.8 - 1, 2)
     sdf = _shape_sdf(label, rng, _X - cx, _Y - cy, r)
@@ -157,11 +123,7 @@ def render_demo_image(split, index, seed=0):
 
 
 class DemoDataset(Dataset):
-    """The built-in labelled set: 5,000 train / 1,000 val 32 px RGB images of 10 shape classes.
-
-    Image i of a split is a pure function of (split, i, seed) (~15k images/s on one core), made
-    once per process per (split, seed) and kept in memory (15 MB); DataLoader workers share it.
-    """
+    """5,000 train / 1,000 val 32 px images of 10 shapes, rendered once per process (15 MB)."""
 
     classes = list(DEMO_CLASSES)
 
@@ -170,7 +132,8 @@ class DemoDataset(Dataset):
             raise ValueError(f'unknown split {split!r} for demo: use one of {SPLITS}')
         self.split, self.seed, self.transform = split, seed, transform
         if (split, seed) not in _demo_cache:
-            images, labels = zip(*(render_demo_image(split, i, seed) for i in range(DEMO_SIZES[split])))
+            images, labels = zip(*(render_demo_image(split, i, seed)
+                                   for i in range(DEMO_SIZES[split])))
             _demo_cache[split, seed] = np.stack(images), np.array(labels)
         self.images, self.labels = _demo_cache[split, seed]  # [N, 32, 32, 3] uint8, [N]
 
@@ -182,18 +145,15 @@ class DemoDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
-# ----------------------------------------------------------------------------------------------
-# Image folders (ImageNet layout) with unreadable files skipped.
+# ------------------------------
+# Image folders (ImageNet layout), torchvision sets.
 
 _warned_paths = set()
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder, except that an unreadable file gives None instead of raising.
-
-    Raising inside a DataLoader worker kills a long run for one bad JPEG; None is dropped by
-    collate_skip, warned about once per path, and listed in `self.skipped` (indices, this process).
-    """
+    """torchvision's, but an unreadable file gives None (listed in .skipped), not an exception
+    that kills a long run for one bad JPEG."""
 
     def __init__(self, root, transform=None):
         super().__init__(root, transform=transform)
@@ -202,7 +162,7 @@ class ImageFolder(datasets.ImageFolder):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            img = self.loader(path)                 # PIL open + convert('RGB'): decodes fully
+            img = self.loader(path)                 # convert('RGB') decodes fully
         except (OSError, SyntaxError) as e:         # truncated / not an image / broken PNG
             self.skipped.add(i)
             if path not in _warned_paths:
@@ -212,24 +172,22 @@ class ImageFolder(datasets.ImageFolder):
         return (self.transform(img) if self.transform else img), label
 
 
-# ----------------------------------------------------------------------------------------------
-# torchvision datasets: name -> (constructor, its arguments for our train / val split, folder).
-
+# name -> (constructor, its arguments for our train / val split, folder)
+TRAIN, TEST = dict(train=dict(train=True), val=dict(train=False)), dict(
+    train=dict(split='train'), val=dict(split='test'))
 TORCHVISION_DATASETS = {
-    'cifar10': (datasets.CIFAR10, {'train': dict(train=True), 'val': dict(train=False)}, 'cifar-10-batches-py'),
-    'cifar100': (datasets.CIFAR100, {'train': dict(train=True), 'val': dict(train=False)}, 'cifar-100-python'),
-    'stl10': (datasets.STL10, {'train': dict(split='train'), 'val': dict(split='test')}, 'stl10_binary'),
-    'food101': (datasets.Food101, {'train': dict(split='train'), 'val': dict(split='test')}, 'food-101'),
-    # torchvision can no longer download Stanford Cars (the original URL is gone)
-    'stanford_cars': (datasets.StanfordCars, {'train': dict(split='train'), 'val': dict(split='test')},
-                      'stanford_cars'),
-    'fgvc_aircraft': (datasets.FGVCAircraft, {'train': dict(split='trainval'), 'val': dict(split='test')},
+    'cifar10': (datasets.CIFAR10, TRAIN, 'cifar-10-batches-py'),
+    'cifar100': (datasets.CIFAR100, TRAIN, 'cifar-100-python'),
+    'stl10': (datasets.STL10, TEST, 'stl10_binary'),
+    'food101': (datasets.Food101, TEST, 'food-101'),
+    'stanford_cars': (datasets.StanfordCars, TEST, 'stanford_cars'),  # no download: the URL is gone
+    'fgvc_aircraft': (datasets.FGVCAircraft, dict(TEST, train=dict(split='trainval')),
                       'fgvc-aircraft-2013b'),
 }
 
 
 def build_dataset(name, split, root='data', transform=None):
-    """The (image, label) dataset `name`, split 'train' or 'val'; see the module docstring."""
+    """The (image, label) dataset `name`, split 'train' or 'val'."""
     if split not in SPLITS:
         raise ValueError(f'unknown split {split!r}: use one of {SPLITS}')
     if name == 'demo':
@@ -239,14 +197,14 @@ def build_dataset(name, split, root='data', transform=None):
         download = name != 'stanford_cars'
         try:
             return ctor(root, **split_args[split], transform=transform, download=download)
-        except Exception as e:  # offline, a dead URL, a half-downloaded archive: say how to fix it
-            cause = (str(e).strip().splitlines() or [''])[0]
+        except Exception as e:  # offline, a dead URL, a half-downloaded archive
+            cause, where = (str(e).strip().splitlines() or [''])[0], os.path.join(root, folder)
             how = ('download it by hand (e.g. from Kaggle) and unpack it' if not download else
-                   f'on a machine with internet run `python -c "import torchvision; '
-                   f'torchvision.datasets.{ctor.__name__}(\'data\', download=True)"` and copy the result')
-            raise ValueError(f'cannot load {name} from {os.path.join(root, folder)} '
-                             f'({type(e).__name__}: {cause}): {how} so that {os.path.join(root, folder)} '
-                             f'exists, or point --data-root at its parent') from None
+                   'on a machine with internet run `python -c "import torchvision; torchvision.'
+                   f'datasets.{ctor.__name__}(\'data\', download=True)"` and copy the result')
+            raise ValueError(f'cannot load {name} from {where} ({type(e).__name__}: {cause}): '
+                             f'{how} so that {where} exists, or point --data-root at its parent'
+                             ) from None
     if os.path.isdir(name):
         folder = os.path.join(name, split)
         if not os.path.isdir(folder):
@@ -256,48 +214,62 @@ def build_dataset(name, split, root='data', transform=None):
             return ImageFolder(folder, transform=transform)
         except FileNotFoundError as e:
             raise ValueError(f'{folder}: {e}') from None
-    raise ValueError(f'unknown dataset {name!r}: use demo, an ImageFolder directory (with train/ and '
-                     f'val/ inside), or one of {", ".join(TORCHVISION_DATASETS)}')
-
-
-def num_classes(dataset):
-    return len(dataset.classes)
+    raise ValueError(f'unknown dataset {name!r}: use demo, an ImageFolder directory (with train/ '
+                     f'and val/ inside), or one of {", ".join(TORCHVISION_DATASETS)}')
 
 
 def dataset_id(name):
-    """How meta.json names a dataset: the name itself, or the real absolute path of a folder."""
+    """How meta.json names a dataset: its name, or a folder's real path."""
     return name if name == 'demo' or name in TORCHVISION_DATASETS else os.path.realpath(name)
 
 
-# ----------------------------------------------------------------------------------------------
-# Seeded sampling: the loader is asked for (epoch, index) keys, so every random draw a sample
-# meets can be a function of (seed, epoch, index): the same on any number of processes.
+# ------------------------------
+# Seeded sampling: the loader yields (epoch, index) keys, so every random draw a sample meets is
+# a function of (seed, epoch, index): the same on any number of processes.
 
 
 def seed_for(*keys):
-    """A 64-bit seed that is a pure function of the integer keys."""
+    """A 64-bit seed, a pure function of the integer keys."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
 
 
+@contextlib.contextmanager
+def keyed(*keys):
+    """torch's CPU generator seeded by seed_for(*keys) inside; the process's stream untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed_for(*keys))
+        yield
+
+
+def per_sample(draw, epochs, indices, seed, key):
+    """torch.cat of each sample's draw(1) under keyed(seed, epoch, index, key), whatever its batch
+    (key 1: permutation or mask, 2: drop path)."""
+    rows = []
+    for epoch, i in zip(epochs.tolist(), indices.tolist()):
+        with keyed(seed, epoch, i, key):
+            rows.append(draw(1))
+    return torch.cat(rows)
+
+
 class EpochSampler(DistributedSampler):
-    """DistributedSampler (shuffled by (seed, epoch); rank r takes every world-th index) yielding
-    (epoch, index) keys, only `per_epoch` of them (whole steps), after skipping `skip` (resume)."""
+    """DistributedSampler's (seed, epoch) shuffle as (epoch, index) keys: `per_epoch` of them
+    (whole steps), after skipping `skip` (resume)."""
 
     def __init__(self, dataset, world_size, rank, seed, per_epoch):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(dataset, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
         self.per_epoch, self.skip = per_epoch, 0
 
     def __iter__(self):
-        return ((self.epoch, i) for i in itertools.islice(super().__iter__(), self.skip, self.per_epoch))
+        indices = itertools.islice(super().__iter__(), self.skip, self.per_epoch)
+        return ((self.epoch, i) for i in indices)
 
     def __len__(self):
         return self.per_epoch - self.skip
 
 
 class SeededSet(Dataset):
-    """dataset[index] for the key (epoch, index) of EpochSampler, its random transform (the colour
-    jitter here; finetune.py's crops and RandAugment) drawn from seed_for(seed, epoch, index, 0): the
-    same in any worker, on any rank, after a resume."""
+    """dataset[index] for EpochSampler's key (epoch, index), its random transform drawn under
+    keyed(seed, epoch, index, 0): the same in any worker, on any rank, after a resume."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -307,12 +279,19 @@ class SeededSet(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        with torch.random.fork_rng(devices=[]):  # the process's own stream is left untouched
-            torch.random.default_generator.manual_seed(seed_for(self.seed, epoch, i, 0))
+        with keyed(self.seed, epoch, i, 0):
             return self.dataset[i]
 
 
-# ----------------------------------------------------------------------------------------------
+class KeyedSet(SeededSet):
+    """(epoch, index, *item): the step draws the sample's other randomness from it (per_sample)."""
+
+    def __getitem__(self, key):
+        item = super().__getitem__(key)
+        return None if item is None else (*key, *item)
+
+
+# ------------------------------
 # Wrappers and the collate function every DataLoader uses.
 
 
@@ -323,7 +302,7 @@ def collate_skip(batch):
 
 
 class IndexedDataset(Dataset):
-    """(index, image, label): lets a consumer know which rows survived collate_skip."""
+    """(index, image, label): which rows survived collate_skip."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -337,16 +316,13 @@ class IndexedDataset(Dataset):
 
 
 class TokenizedDataset(Dataset):
-    """(image, tokens) with tokens the int64 [G*G] raster-order row `i` of the token file.
-
-    `skipped` (meta['skipped']) lists images the tokenizer could not read: their rows hold no
-    tokens, so they are dropped here even if the file has become readable since.
-    """
+    """(image, tokens int64 [G*G], raster order); `skipped` (meta['skipped']): images the tokenizer
+    could not read, whose rows hold no tokens, dropped even if readable since."""
 
     def __init__(self, dataset, tokens, skipped=()):
         if len(dataset) != len(tokens):
-            raise ValueError(f'the token file has {len(tokens)} rows but the dataset has {len(dataset)} '
-                             f'images: re-run tokenizer.py for this dataset and split')
+            raise ValueError(f'the token file has {len(tokens)} rows but the dataset has '
+                             f'{len(dataset)} images: re-run tokenizer.py for this split')
         self.dataset, self.tokens, self.skipped = dataset, tokens, set(skipped)
 
     def __len__(self):
@@ -359,12 +335,12 @@ class TokenizedDataset(Dataset):
         return item[0], torch.from_numpy(self.tokens[i].astype(np.int64).reshape(-1))  # [G*G]
 
 
-# ----------------------------------------------------------------------------------------------
-# Token files: <dir>/tokens.npy (uint16 [num_images, G, G]), codebook.npy (float32 [K, C]), meta.json.
+# ------------------------------
+# Token files: <dir>/tokens.npy (uint16 [images, G, G]), codebook.npy (float32 [K, C]), meta.json.
 
 
 def write_tokens(out_dir, tokens, codebook, meta):
-    """Write the three files, each to a temporary name first so a kill never leaves a torn file."""
+    """The three files, each via a temporary name: a kill never leaves a torn file."""
     os.makedirs(out_dir, exist_ok=True)
     for name, write in (('tokens.npy', lambda f: np.save(f, tokens.astype(np.uint16))),
                         ('codebook.npy', lambda f: np.save(f, codebook.astype(np.float32))),
@@ -375,26 +351,48 @@ def write_tokens(out_dir, tokens, codebook, meta):
         os.replace(path + '.tmp', path)
 
 
-def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=None):
-    """The memory-mapped uint16 [num_images, G, G] tokens and meta.json, checked against this run."""
-    fix = (f'run `python tokenizer.py --data {dataset_name} --split {split} --out {token_dir}`'
-           + ('' if split == 'train' else ' --codebook <the train split\'s token dir>'))
-    paths = [os.path.join(token_dir, f) for f in ('tokens.npy', 'meta.json')]
-    for path in paths:
+def tokenizer_command(dataset, split, grid, features, patch, out):
+    """The tokenizer.py command that makes the tokens a run of these settings reads."""
+    pixels = ' --features pixels' + (f' --patch {patch}' if patch else '')
+    return (f'python tokenizer.py --data {dataset} --split {split} --grid {grid}'
+            f'{pixels if features == "pixels" else ""} --out {out}')
+
+
+def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=None, patch=None):
+    """The memory-mapped uint16 [images, G, G] tokens and meta.json, checked against this run
+    (pixel tokens must be cut at the ViT's `patch`)."""
+    npy, js = (os.path.join(token_dir, f) for f in ('tokens.npy', 'meta.json'))
+
+    def fix(meta, out=token_dir):  # built from this run's settings: pasted, it makes the run pass
+        features = meta.get('features', 'pixels' if dataset_name == 'demo' else 'clip')
+        command = (tokenizer_command(dataset_name, split, grid, features, patch, out)
+                   if split == 'train' else f'python tokenizer.py --data {dataset_name} --split '
+                   f"{split} --out {out} --codebook <the train split's token dir>")
+        return f'run `{command}`' + ('' if out == token_dir else f' and pass {out}')
+    for path in (npy, js):
         if not os.path.isfile(path):
-            raise ValueError(f'no token file {path}: {fix}')
-    tokens = np.load(paths[0], mmap_mode='r')
-    with open(paths[1]) as f:
-        meta = json.load(f)
-    checks = [('dataset', meta.get('dataset'), dataset_id(dataset_name)), ('split', meta.get('split'), split),
-              ('image count', meta.get('num_images'), num_images), ('grid', meta.get('grid'), grid)]
-    if vocab_size is not None:
-        checks.append(('vocabulary', meta.get('vocab_size'), vocab_size))
-    for what, theirs, ours in checks:
-        if theirs != ours:
-            raise ValueError(f'tokens in {token_dir} were made for {what} {theirs!r}, this run uses {ours!r}: '
-                             f'{fix} (or pass the token dir made for this run)')
+            raise ValueError(f'no token file {path}: {fix({})}')
+    try:
+        with open(js) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{js} is not valid JSON ({e}): {fix({})}') from None
+    other = os.path.normpath(token_dir) + '_' + (  # a new dir: never overwrite the user's
+        split if meta.get('split') != split else f'grid{grid}' if meta.get('grid') != grid else
+        os.path.basename(os.path.normpath(dataset_name)))
+    for what, ours in (('dataset', dataset_id(dataset_name)), ('split', split),
+                       ('num_images', num_images), ('grid', grid), ('vocab_size', vocab_size)):
+        if meta.get(what) != ours and ours is not None:
+            raise ValueError(f'tokens in {token_dir} were made for {what} {meta.get(what)!r}, this '
+                             f'run uses {ours!r}: {fix(meta, other)}')
+    try:
+        tokens = np.load(npy, mmap_mode='r')
+    except (ValueError, OSError) as e:  # e.g. truncated: "mmap length is greater than file size"
+        raise ValueError(f'{npy} is damaged ({e}): {fix(meta)}') from None
     if tokens.dtype != np.uint16 or tokens.shape != (num_images, grid, grid):
-        raise ValueError(f'{paths[0]} holds {tokens.dtype} {tokens.shape}, meta.json says uint16 '
-                         f'{(num_images, grid, grid)}: the file is damaged, {fix}')
+        raise ValueError(f'{npy} holds {tokens.dtype} {tokens.shape}, meta.json says uint16 '
+                         f'{(num_images, grid, grid)}: the file is damaged, {fix(meta)}')
+    if tokens.size and int(tokens.max()) >= meta.get('vocab_size', 0):  # one pass over the file
+        raise ValueError(f'{npy} holds token {int(tokens.max())}, outside the vocabulary of '
+                         f'{meta.get("vocab_size")} in {js}: {fix(meta)}')
     return tokens, meta

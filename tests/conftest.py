@@ -1,4 +1,5 @@
 """What several test files share: a small ImageFolder of demo pictures with its pixel tokens."""
+
 import os
 
 import pytest
@@ -13,15 +14,39 @@ def make_demo_folder(tmp_path_factory):
     """make_demo_folder(train=N, val=M) -> (root, tokens): an ImageFolder of the first N train and
     M val demo pictures (32 px, in their class folders) and the pixel tokens of its train split
     (8x8 grid of 4x4 patches, vocabulary 16)."""
+
     def make(**images_per_split):
         root = tmp_path_factory.mktemp('images')
         for split, n in images_per_split.items():
             for i in range(n):
                 image, label = data.render_demo_image(split, i)
                 os.makedirs(root / split / data.DEMO_CLASSES[label], exist_ok=True)
-                Image.fromarray(image).save(root / split / data.DEMO_CLASSES[label] / f'{i:02d}.png')
+                Image.fromarray(image).save(
+                    root / split / data.DEMO_CLASSES[label] / f'{i:02d}.png'
+                )
         tokens = str(root / 'tokens')
-        tokenizer.main(['--data', str(root), '--split', 'train', '--features', 'pixels', '--grid', '8',
-                        '--patch', '4', '--vocab', '16', '--sample', '1', '--out', tokens, '--device', 'cpu'])
+        tokenizer.main(
+            [
+                '--data',
+                str(root),
+                '--split',
+                'train',
+                '--features',
+                'pixels',
+                '--grid',
+                '8',
+                '--patch',
+                '4',
+                '--vocab',
+                '16',
+                '--sample',
+                '1',
+                '--out',
+                tokens,
+                '--device',
+                'cpu',
+            ]
+        )
         return str(root), tokens
+
     return make

@@ -1,6 +1,7 @@
-"""finetune.py and the evaluation it shares with probe.py (training.ShardSampler, training.evaluate):
+"""finetune.py and the evaluation it shares with probe.py (training.ShardSampler, .evaluate):
 end to end from a pretrain.py checkpoint and from scratch, layer-wise decay, exact distributed
 evaluation against one process, the timm export, exact resume, and the clear refusals."""
+
 import json
 import os
 import subprocess
@@ -23,9 +24,22 @@ FAST = ['--dtype', 'float32', '--workers', '0']
 
 def torchrun(*argv, nproc=2):
     """Run `argv` under torchrun with `nproc` CPU processes (gloo); the CompletedProcess."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', *argv]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'})
+    cmd = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        f'--nproc_per_node={nproc}',
+        *argv,
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -48,36 +62,91 @@ def pretrained(folder, tmp_path_factory):
     command-line entry point: backbone.pt and ckpt.pt."""
     root, tokens = folder
     out = tmp_path_factory.mktemp('pretrain')
-    pretrain.main(['--objective', 'mapet', '--data', root, '--tokens', tokens, '--out', str(out), '--steps', '2',
-                   '--batch-size', '8', '--model', 'micro', *FAST])
+    pretrain.main(
+        [
+            '--objective',
+            'mapet',
+            '--data',
+            root,
+            '--tokens',
+            tokens,
+            '--out',
+            str(out),
+            '--steps',
+            '2',
+            '--batch-size',
+            '8',
+            '--model',
+            'micro',
+            *FAST,
+        ]
+    )
     return out
 
 
 def finetune_folder(folder, out, *extra):
     root, _ = folder
-    return finetune.main(['--data', root, '--out', str(out), '--batch-size', '8', '--epochs', '2', '--lr', '0.5',
-                          '--warmup-epochs', '1', '--results', str(out / 'results.jsonl'), *FAST, *extra])
+    return finetune.main(
+        [
+            '--data',
+            root,
+            '--out',
+            str(out),
+            '--batch-size',
+            '8',
+            '--epochs',
+            '2',
+            '--lr',
+            '0.5',
+            '--warmup-epochs',
+            '1',
+            '--results',
+            str(out / 'results.jsonl'),
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # End to end
 
 
+@pytest.mark.slow
 def test_command_fine_tunes_the_pretrained_backbone_on_demo(pretrained, tmp_path):
     """The real command in a fresh process: the backbone is loaded (and only fc_norm and head are
     new), every one of the 1,000 validation images is counted, the result line is appended."""
     results, out = tmp_path / 'results.jsonl', tmp_path / 'run'
-    cmd = [sys.executable, 'finetune.py', '--checkpoint', str(pretrained / 'backbone.pt'), '--out', str(out),
-           '--steps', '2', '--batch-size', '32', '--results', str(results), *FAST]
+    cmd = [
+        sys.executable,
+        'finetune.py',
+        '--checkpoint',
+        str(pretrained / 'backbone.pt'),
+        '--out',
+        str(out),
+        '--steps',
+        '2',
+        '--batch-size',
+        '32',
+        '--results',
+        str(results),
+        *FAST,
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'newly initialised: fc_norm, head' in result.stdout
-    assert 'lr 0.016 x 32/1024 = 0.0005' in result.stdout             # Tab. 8's scaling rule, the demo's lr
+    assert 'lr 0.016 x 32/1024 = 0.0005' in result.stdout  # Tab. 8's scaling rule, the demo's lr
     assert 'with strict=True' in result.stdout and 'result: method=finetune' in result.stdout
     [record] = read_results(results)
-    assert record['method'] == 'finetune' and record['checkpoint'] == str(pretrained / 'backbone.pt')
-    assert record['images'] == 1000 and record['model'] == 'micro' and 0 <= record['top1'] <= record['top5'] <= 100
-    # Two warmup steps barely move the weights: the backbone is the pre-trained one, not a fresh init.
+    assert record['method'] == 'finetune' and record['checkpoint'] == str(
+        pretrained / 'backbone.pt'
+    )
+    assert (
+        record['images'] == 1000
+        and record['model'] == 'micro'
+        and 0 <= record['top1'] <= record['top5'] <= 100
+    )
+    # Two warmup steps barely move the weights: the backbone is the pre-trained one, not a new one.
     backbone = torch.load(pretrained / 'backbone.pt', weights_only=True)['state_dict']
     tuned = torch.load(out / 'classifier.pt', weights_only=True)
     for key in ('patch_embed.proj.weight', 'blocks.5.mlp.fc2.weight', 'pos_embed'):
@@ -86,12 +155,28 @@ def test_command_fine_tunes_the_pretrained_backbone_on_demo(pretrained, tmp_path
     assert [r['step'] for r in log] == [2] and log[0]['top1'] == record['top1']
 
 
+@pytest.mark.slow
 def test_from_scratch_on_demo(tmp_path):
     """--checkpoint none: the paper's "ViT" row (Tab. 2), the micro size for the demo."""
-    summary = finetune.main(['--checkpoint', 'none', '--out', str(tmp_path), '--steps', '1', '--batch-size', '16',
-                             '--results', str(tmp_path / 'r.jsonl'), *FAST])
+    summary = finetune.main(
+        [
+            '--checkpoint',
+            'none',
+            '--out',
+            str(tmp_path),
+            '--steps',
+            '1',
+            '--batch-size',
+            '16',
+            '--results',
+            str(tmp_path / 'r.jsonl'),
+            *FAST,
+        ]
+    )
     [record] = read_results(tmp_path / 'r.jsonl')
-    assert record['checkpoint'] == 'none' and record['model'] == 'micro' and record['images'] == 1000
+    assert (
+        record['checkpoint'] == 'none' and record['model'] == 'micro' and record['images'] == 1000
+    )
     assert summary['count'] == 1000 and summary['top1'] == record['top1']
 
 
@@ -100,30 +185,42 @@ def test_from_scratch_on_demo(tmp_path):
 
 
 def test_layer_decay_scales_grow_with_depth_to_one_at_the_head():
-    vit = model.create_model('micro', num_classes=10)              # depth 6
+    vit = model.create_model('micro', num_classes=10)  # depth 6
     groups = finetune.layer_decay_groups(vit, 0.05, 0.65)
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     by_name = {name: scale[id(p)] for name, p in vit.named_parameters()}
     assert set(by_name) == {n for n, _ in vit.named_parameters()}  # every parameter is in a group
     for name in ('patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'pos_embed'):
-        assert by_name[name] == pytest.approx(0.65 ** 7)
+        assert by_name[name] == pytest.approx(0.65**7)
     for i in range(6):
         assert {by_name[n] for n in by_name if n.startswith(f'blocks.{i}.')} == {0.65 ** (6 - i)}
     assert by_name['fc_norm.weight'] == by_name['head.weight'] == by_name['head.bias'] == 1.0
-    ladder = [by_name['patch_embed.proj.weight']] + [by_name[f'blocks.{i}.attn.qkv.weight'] for i in range(6)] + \
-        [by_name['head.weight']]
-    assert all(a < b for a, b in zip(ladder, ladder[1:]))           # strictly increasing with depth
+    ladder = (
+        [by_name['patch_embed.proj.weight']]
+        + [by_name[f'blocks.{i}.attn.qkv.weight'] for i in range(6)]
+        + [by_name['head.weight']]
+    )
+    assert all(a < b for a, b in zip(ladder, ladder[1:]))  # strictly increasing with depth
     # ViT-T's recipe has no decay: one scale for all.
     assert {g['lr_scale'] for g in finetune.layer_decay_groups(vit, 0.05, 1.0)} == {1.0}
 
 
+@pytest.mark.slow
 def test_training_applies_the_scales(folder, pretrained, tmp_path):
     """What the optimizer ran with: every group's lr is the same scheduled lr times its scale."""
-    finetune_folder(folder, tmp_path, '--checkpoint', str(pretrained / 'backbone.pt'), '--steps', '2',
-                    '--layer-decay', '0.5')
+    finetune_folder(
+        folder,
+        tmp_path,
+        '--checkpoint',
+        str(pretrained / 'backbone.pt'),
+        '--steps',
+        '2',
+        '--layer-decay',
+        '0.5',
+    )
     groups = training.load_checkpoint(str(tmp_path / 'ckpt.pt'))['optimizer']['param_groups']
     assert len({round(g['lr'] / g['lr_scale'], 12) for g in groups}) == 1
-    assert sorted({g['lr_scale'] for g in groups}) == [0.5 ** k for k in range(7, -1, -1)]
+    assert sorted({g['lr_scale'] for g in groups}) == [0.5**k for k in range(7, -1, -1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +232,9 @@ def test_training_applies_the_scales(folder, pretrained, tmp_path):
 def test_shards_partition_the_split_without_padding(n, world):
     shards = [list(training.ShardSampler(n, world, rank)) for rank in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(n))
-    assert [len(training.ShardSampler(n, world, r)) for r in range(world)] == [len(s) for s in shards]
+    assert [len(training.ShardSampler(n, world, r)) for r in range(world)] == [
+        len(s) for s in shards
+    ]
 
 
 EVAL_SCRIPT = '''
@@ -145,9 +244,11 @@ d = training.setup_distributed()
 # 11 images, 4 classes: logits one-hot on a chosen class; image i is top-1 right iff i % 3 != 0.
 labels = torch.arange(11) % 4
 predicted = torch.where(torch.arange(11) % 3 != 0, labels, (labels + 1) % 4)
-logits = torch.nn.functional.one_hot(predicted, 4).float() + torch.nn.functional.one_hot(labels, 4) * 0.5
+one_hot = torch.nn.functional.one_hot
+logits = one_hot(predicted, 4).float() + one_hot(labels, 4) * 0.5
 dataset = TensorDataset(logits, labels)
-loader = DataLoader(dataset, batch_size=2, sampler=training.ShardSampler(len(dataset), d.world_size, d.rank))
+sampler = training.ShardSampler(len(dataset), d.world_size, d.rank)
+loader = DataLoader(dataset, batch_size=2, sampler=sampler)
 result = training.evaluate(torch.nn.Identity(), loader, d.device, torch.float32)
 with open(f'{sys.argv[1]}/rank{d.rank}.json', 'w') as f:
     json.dump(result, f)
@@ -155,24 +256,36 @@ training.cleanup_distributed()
 '''
 
 
+@pytest.mark.slow
 def test_evaluation_counts_every_image_once_on_two_processes(tmp_path):
     """11 images on 2 gloo processes: 11 counted (DistributedSampler would count 12), 7 right."""
     script = tmp_path / 'eval_check.py'
     script.write_text(textwrap.dedent(EVAL_SCRIPT))
     torchrun(str(script), str(tmp_path))
     results = [json.load(open(tmp_path / f'rank{rank}.json')) for rank in range(2)]
-    assert results[0] == results[1]                                   # every rank gets the totals
+    assert results[0] == results[1]  # every rank gets the totals
     assert results[0]['count'] == 11
     assert results[0]['top1'] == pytest.approx(100 * 7 / 11) and results[0]['top5'] == 100
 
 
+@pytest.mark.slow
 def test_distributed_eval_only_matches_one_process(folder, pretrained, tmp_path):
     """--eval-only of a fine-tuned ckpt.pt on the 11 validation images: the same count and top-1
     on 2 processes as on one."""
-    finetune_folder(folder, tmp_path / 'ft', '--checkpoint', str(pretrained / 'backbone.pt'), '--steps', '3')
+    finetune_folder(
+        folder, tmp_path / 'ft', '--checkpoint', str(pretrained / 'backbone.pt'), '--steps', '3'
+    )
     root, _ = folder
-    args = ['--checkpoint', str(tmp_path / 'ft' / 'ckpt.pt'), '--eval-only', '--data', root, '--batch-size', '4',
-            *FAST]
+    args = [
+        '--checkpoint',
+        str(tmp_path / 'ft' / 'ckpt.pt'),
+        '--eval-only',
+        '--data',
+        root,
+        '--batch-size',
+        '4',
+        *FAST,
+    ]
     one = finetune.main([*args, '--results', str(tmp_path / 'one.jsonl')])
     torchrun('finetune.py', *args, '--results', str(tmp_path / 'two.jsonl'))
     [two] = read_results(tmp_path / 'two.jsonl')
@@ -185,11 +298,16 @@ def test_distributed_eval_only_matches_one_process(folder, pretrained, tmp_path)
 # The export loads into timm
 
 
+@pytest.mark.slow
 def test_exported_classifier_loads_into_timm_with_the_same_logits(folder, pretrained, tmp_path):
-    finetune_folder(folder, tmp_path, '--checkpoint', str(pretrained / 'backbone.pt'), '--steps', '3')
+    finetune_folder(
+        folder, tmp_path, '--checkpoint', str(pretrained / 'backbone.pt'), '--steps', '3'
+    )
     info = json.load(open(tmp_path / 'classifier.json'))
-    reference = eval(info['timm'], {'timm': timm})                   # the call the run printed
-    reference.load_state_dict(torch.load(tmp_path / 'classifier.pt', weights_only=True), strict=True)
+    reference = eval(info['timm'], {'timm': timm})  # the call the run printed
+    reference.load_state_dict(
+        torch.load(tmp_path / 'classifier.pt', weights_only=True), strict=True
+    )
     ours, _ = training.load_backbone(str(tmp_path / 'ckpt.pt'), num_classes=10)
     assert info['classes'] == sorted(data.DEMO_CLASSES) and info['config']['num_classes'] == 10
     images = torch.randn(4, 3, 32, 32)
@@ -198,10 +316,12 @@ def test_exported_classifier_loads_into_timm_with_the_same_logits(folder, pretra
         torch.testing.assert_close(ours(images), reference(images), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_timm_call_of_the_paper_sizes_loads_strictly():
     vit = model.create_model('tiny', num_classes=7)
     call = finetune.timm_call(vit)
-    assert call == "timm.create_model('vit_tiny_patch16_224', global_pool='avg', init_values=0.1, num_classes=7)"
+    assert call == ("timm.create_model('vit_tiny_patch16_224', global_pool='avg', "
+                    'init_values=0.1, num_classes=7)')
     eval(call, {'timm': timm}).load_state_dict(vit.state_dict(), strict=True)
 
 
@@ -209,6 +329,7 @@ def test_timm_call_of_the_paper_sizes_loads_strictly():
 # Exact resume
 
 
+@pytest.mark.slow
 def test_resume_is_exact(folder, pretrained, tmp_path):
     """4 steps straight == 2 steps + --resume + 2 steps, 3 steps to an epoch, with every
     augmentation of Tab. 8 on (crop, flip, RandAugment, erasing, mixup / cutmix, drop path)."""
@@ -216,7 +337,9 @@ def test_resume_is_exact(folder, pretrained, tmp_path):
     finetune_folder(folder, tmp_path / 'straight', *common, '--steps', '4')
     finetune_folder(folder, tmp_path / 'split', *common, '--steps', '2')
     finetune_folder(folder, tmp_path / 'split', *common, '--steps', '4', '--resume')
-    a, b = (training.load_checkpoint(str(tmp_path / run / 'ckpt.pt')) for run in ('straight', 'split'))
+    a, b = (
+        training.load_checkpoint(str(tmp_path / run / 'ckpt.pt')) for run in ('straight', 'split')
+    )
     assert a['step'] == b['step'] == 4
     for key in a['model']:
         assert torch.equal(a['model'][key], b['model'][key]), key
@@ -228,12 +351,17 @@ def test_resume_is_exact(folder, pretrained, tmp_path):
 # Refusals: one line, naming the fix
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_size_or_grid_is_refused(pretrained, tmp_path):
     backbone = str(pretrained / 'backbone.pt')
-    with pytest.raises(SystemExit, match=r'finetune\.py: .*\(micro\); you asked for .*\(tiny\): pass --model micro'):
+    with pytest.raises(
+        SystemExit, match=r'finetune\.py: .*\(micro\); you asked for .*\(tiny\): pass --model micro'
+    ):
         finetune.main(['--checkpoint', backbone, '--model', 'tiny', '--out', str(tmp_path / 'a')])
-    coarse = str(tmp_path / 'patch8.pt')                             # the micro ViT with 8 px patches: a 4x4 grid
-    training.save_backbone(coarse, model.create_model('micro', patch_size=8), dict(objective='mapet'))
+    coarse = str(tmp_path / 'patch8.pt')  # the micro ViT with 8 px patches: a 4x4 grid
+    training.save_backbone(
+        coarse, model.create_model('micro', patch_size=8), dict(objective='mapet')
+    )
     with pytest.raises(SystemExit, match=r'patch_size 8 .*you asked for patch_size 4 \(micro\)'):
         finetune.main(['--checkpoint', coarse, '--model', 'micro', '--out', str(tmp_path / 'b')])
     with pytest.raises(SystemExit, match=r'no known size \(.*patch_size 8'):
@@ -241,22 +369,33 @@ def test_checkpoint_of_another_size_or_grid_is_refused(pretrained, tmp_path):
     assert not any(os.path.exists(tmp_path / run) for run in 'abc')
 
 
+@pytest.mark.slow
 def test_user_mistakes_get_one_line(folder, pretrained, tmp_path):
     root, _ = folder
     cases = [
         (['--checkpoint', str(tmp_path / 'missing.pt')], 'no checkpoint file'),
-        (['--checkpoint', str(pretrained / 'backbone.pt'), '--eval-only'], 'holds no classifier for the 10 classes'),
+        (
+            ['--checkpoint', str(pretrained / 'backbone.pt'), '--eval-only'],
+            'holds no classifier for the 10 classes',
+        ),
         (['--checkpoint', 'none', '--reprob', '2'], r'--reprob must be in \[0, 1\]'),
         (['--checkpoint', 'none', '--eval-only'], 'takes neither --resume nor --checkpoint none'),
         (['--checkpoint', 'none', '--batch-size', '0'], '--batch-size must be positive'),
         (['--checkpoint', 'none', '--data', 'imagenet_typo'], 'unknown dataset'),
-        (['--checkpoint', 'none', '--data', root, '--batch-size', '64'], 'fewer than one --batch-size'),
+        (
+            ['--checkpoint', 'none', '--data', root, '--batch-size', '64'],
+            'fewer than one --batch-size',
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=f'^finetune.py: .*{message}'):
             finetune.main([*argv, '--out', str(tmp_path / 'x'), *FAST])
-    finetune_folder(folder, tmp_path / 'run', '--checkpoint', 'none', '--model', 'micro', '--steps', '1')
+    finetune_folder(
+        folder, tmp_path / 'run', '--checkpoint', 'none', '--model', 'micro', '--steps', '1'
+    )
     with pytest.raises(SystemExit, match='exported timm-layout state dict; pass the ckpt.pt'):
-        finetune_folder(folder, tmp_path / 'y', '--checkpoint', str(tmp_path / 'run' / 'classifier.pt'))
+        finetune_folder(
+            folder, tmp_path / 'y', '--checkpoint', str(tmp_path / 'run' / 'classifier.pt')
+        )
     with pytest.raises(SystemExit, match='exists: pass --resume'):
         finetune_folder(folder, tmp_path / 'run', '--checkpoint', 'none')
