@@ -1,8 +1,11 @@
 """probe.py: the linear probe end to end from a pretrain.py checkpoint and from none (cached and
 not), the frozen backbone, distributed evaluation, tokens-only classification learning a rule
-the tokens carry, the demo's token files, the result lines, and the clear refusals."""
+the tokens carry, the demo's token files, the result lines, and the clear refusals whose
+suggested commands work when pasted."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -15,6 +18,7 @@ import data
 import model
 import pretrain
 import probe
+import tokenizer
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +42,8 @@ def backbone(folder, tmp_path_factory):
     """backbone.pt of a 2-step MaPeT pre-training through pretrain.py's command-line entry point."""
     root, tokens = folder
     out = tmp_path_factory.mktemp('pretrain')
-    pretrain.main(['--objective', 'mapet', '--data', root, '--tokens', tokens, '--out', str(out), '--steps', '2',
-                   '--batch-size', '8', '--model', 'micro', *FAST])
+    pretrain.main(['--objective', 'mapet', '--data', root, '--tokens', tokens, '--out', str(out),
+                   '--steps', '2', '--batch-size', '8', '--model', 'micro', *FAST])
     return str(out / 'backbone.pt')
 
 
@@ -47,24 +51,32 @@ def backbone(folder, tmp_path_factory):
 # Linear probe
 
 
+@pytest.mark.slow
 def test_command_probes_the_pretrained_backbone_on_demo(backbone, tmp_path):
     """The real command in a fresh process; --data demo defaults to --cached, labelled as such."""
     results = tmp_path / 'results.jsonl'
-    cmd = [sys.executable, 'probe.py', '--checkpoint', backbone, '--epochs', '2', '--results', str(results), *FAST]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, 'probe.py', '--checkpoint', backbone, '--epochs', '2',
+           '--results', str(results), *FAST]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'newly initialised: fc_norm' in result.stdout and 'reported as linear-cached' in result.stdout
-    [line] = [l for l in result.stdout.splitlines() if l.startswith('result: ')]
+    assert 'newly initialised: fc_norm' in result.stdout
+    assert 'reported as linear-cached' in result.stdout
+    assert result.stdout.startswith('git revision ') and '\nbatch_size=256  ' in result.stdout
+    [line] = [row for row in result.stdout.splitlines() if row.startswith('result: ')]
     [record] = read_results(results)
-    assert line.startswith(f'result: method=linear-cached  checkpoint={backbone}  data=demo  model=micro  top1=')
-    assert record['method'] == 'linear-cached' and record['images'] == 1000 and record['epochs'] == 2
-    assert f'top1={record["top1"]:.2f}' in line and record['seconds'] > 0 and 0 <= record['top1'] <= record['top5']
+    assert line.startswith(f'result: method=linear-cached  checkpoint={backbone}  data=demo  '
+                           'model=micro  top1=')
+    assert (record['method'], record['images'], record['epochs']) == ('linear-cached', 1000, 2)
+    assert record['seed'] == 0 and record['git']
+    assert f'top1={record["top1"]:.2f}' in line and record['seconds'] > 0
+    assert 0 <= record['top1'] <= record['top5']
 
 
+@pytest.mark.slow
 def test_uncached_probe_of_a_random_backbone_on_demo(tmp_path):
     """--checkpoint none, the paper's protocol (augmented images through the frozen backbone)."""
-    summary = probe.main(['--checkpoint', 'none', '--no-cached', '--epochs', '1', '--batch-size', '512',
-                          '--results', str(tmp_path / 'r.jsonl'), *FAST])
+    summary = probe.main(['--checkpoint', 'none', '--no-cached', '--epochs', '1',
+                          '--batch-size', '512', '--results', str(tmp_path / 'r.jsonl'), *FAST])
     [record] = read_results(tmp_path / 'r.jsonl')
     assert (record['method'], record['checkpoint'], record['model']) == ('linear', 'none', 'micro')
     assert record['images'] == summary['count'] == 1000 and record['top1'] == summary['top1']
@@ -83,18 +95,25 @@ def test_only_the_head_learns():
     assert [n for n, p in lp.named_parameters() if p.requires_grad] == ['head.weight', 'head.bias']
 
 
-def test_distributed_probe_counts_every_image_once(folder, tmp_path):
-    """2 gloo processes, cached features sharded by rank: still each of the 11 images once."""
+@pytest.mark.slow
+@pytest.mark.parametrize('cached', ['--cached', '--no-cached'])
+def test_distributed_probe_counts_every_image_once(folder, tmp_path, cached):
+    """2 gloo processes, the split sharded by rank: still each of the 11 images once. Uncached,
+    DDP trains the head on the frozen backbone as 1 process does: the same accuracy."""
     root, _ = folder
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'probe.py',
-           '--checkpoint', 'none', '--model', 'micro', '--data', root, '--cached', '--epochs', '2',
-           '--batch-size', '8',
-           '--results', str(tmp_path / 'r.jsonl'), *FAST]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    argv = ['--checkpoint', 'none', '--model', 'micro', '--data', root, cached, '--epochs', '2',
+            '--batch-size', '8', '--lr', '50', '--results', str(tmp_path / 'r.jsonl'), *FAST]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           'probe.py', *argv]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
     [record] = read_results(tmp_path / 'r.jsonl')                     # rank 0 alone writes
-    assert record['images'] == 11 and record['method'] == 'linear-cached'
+    method = 'linear-cached' if cached == '--cached' else 'linear'
+    assert record['images'] == 11 and record['method'] == method
+    if cached == '--no-cached':
+        alone = probe.main(argv)
+        assert (alone['top1'], alone['top5']) == (record['top1'], record['top5'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,19 +128,23 @@ def write_rule_tokens(folder, out, split, codebook):
     rng = np.random.default_rng(len(split))
     labels = np.asarray(dataset.targets)
     tokens = labels[:, None, None] + 10 * rng.integers(0, 2, (len(labels), 8, 8))
-    data.write_tokens(out, tokens, codebook, dict(dataset=data.dataset_id(root), split=split,
-                                                  num_images=len(labels), grid=8, vocab_size=20))
+    meta = {'dataset': data.dataset_id(root), 'split': split, 'num_images': len(labels), 'grid': 8,
+            'vocab_size': 20}
+    data.write_tokens(out, tokens, codebook, meta)
 
 
-@pytest.mark.parametrize('method, extra', [('tokens-mlp', []), ('tokens-vit', ['--model', 'micro'])])
+@pytest.mark.parametrize('method, extra', [
+    ('tokens-mlp', []),
+    pytest.param('tokens-vit', ['--model', 'micro'], marks=pytest.mark.slow)])
 def test_tokens_only_classifiers_learn_what_the_tokens_encode(folder, tmp_path, method, extra):
     codebook = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
     write_rule_tokens(folder, tmp_path / 'train', 'train', codebook)
     write_rule_tokens(folder, tmp_path / 'val', 'val', codebook)
     root, _ = folder
-    summary = probe.main(['--method', method, '--data', root, '--tokens', str(tmp_path / 'train'), '--val-tokens',
-                          str(tmp_path / 'val'), '--epochs', '15', '--batch-size', '8', '--lr', '1',
-                          '--warmup-epochs', '2', '--results', str(tmp_path / 'r.jsonl'), *extra, *FAST])
+    summary = probe.main(['--method', method, '--data', root, '--tokens', str(tmp_path / 'train'),
+                          '--val-tokens', str(tmp_path / 'val'), '--epochs', '15', '--lr', '1',
+                          '--batch-size', '8', '--warmup-epochs', '2',
+                          '--results', str(tmp_path / 'r.jsonl'), *extra, *FAST])
     [record] = read_results(tmp_path / 'r.jsonl')
     assert record['method'] == method and record['checkpoint'] == str(tmp_path / 'train')
     assert summary['count'] == 11 and summary['top1'] == 100.0
@@ -131,45 +154,94 @@ def test_tokens_of_another_codebook_are_refused(folder, tmp_path):
     root, tokens = folder
     codebook = np.zeros((16, 48), np.float32)                       # not the train split's codebook
     write_rule_tokens(folder, tmp_path / 'val', 'val', codebook)
-    with pytest.raises(SystemExit, match=r'was not made with the codebook of .*--split val --codebook'):
+    with pytest.raises(SystemExit, match='not made with the codebook of .*--split val --codebook'):
         probe.main(['--method', 'tokens-mlp', '--data', root, '--tokens', tokens, '--val-tokens',
                     str(tmp_path / 'val'), *FAST])
 
 
-def test_demo_token_files_are_made_when_missing(tmp_path, monkeypatch):
-    """The train split's codebook is fitted first, then the val split is assigned with it."""
-    calls = []
-    monkeypatch.setattr(probe.tokenizer, 'main', lambda argv: calls.append(argv))
-    args = probe.resolve_args(probe.get_args_parser().parse_args(
-        ['--method', 'tokens-mlp', '--tokens', str(tmp_path / 'tr'), '--val-tokens', str(tmp_path / 'va')]))
-    probe.ensure_demo_tokens(args, training.setup_distributed())
-    assert calls == [['--data', 'demo', '--split', 'train', '--features', 'pixels', '--out', str(tmp_path / 'tr'),
-                      '--device', 'cpu'],
-                     ['--data', 'demo', '--split', 'val', '--codebook', str(tmp_path / 'tr'), '--out',
-                      str(tmp_path / 'va'), '--device', 'cpu']]
+def test_demo_defaults_name_the_demo_token_dirs():
     defaults = probe.resolve_args(probe.get_args_parser().parse_args(['--method', 'tokens-vit']))
     assert (defaults.tokens, defaults.val_tokens) == ('runs/tokens/demo', 'runs/tokens/demo_val')
+
+
+@pytest.mark.slow
+def test_demo_token_files_are_made_when_missing(tmp_path):
+    """A first tokens-only run on the demo makes the train tokens, then the val tokens with the
+    train split's codebook, and classifies with them."""
+    train, val = tmp_path / 'tr', tmp_path / 'va'
+    summary = probe.main(['--method', 'tokens-mlp', '--tokens', str(train), '--val-tokens',
+                          str(val), '--epochs', '1', '--results', str(tmp_path / 'r.jsonl'), *FAST])
+    assert [tokenizer.read_meta(t)['split'] for t in (train, val)] == ['train', 'val']
+    np.testing.assert_array_equal(np.load(train / 'codebook.npy'), np.load(val / 'codebook.npy'))
+    assert summary['count'] == 1000 and read_results(tmp_path / 'r.jsonl')[0]['images'] == 1000
 
 
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
 
-def test_user_mistakes_get_one_line(backbone, folder, tmp_path):
+def test_user_mistakes_get_one_line(folder, tmp_path, monkeypatch):
     root, tokens = folder
+    backbone = str(tmp_path / 'backbone.pt')
+    training.save_backbone(backbone, model.create_model('micro'), {})
     cases = [
         ([], '--method linear needs --checkpoint'),
-        (['--checkpoint', backbone, '--model', 'tiny'], r'\(micro\); you asked for .*\(tiny\): pass --model micro'),
+        (['--checkpoint', backbone, '--model', 'tiny'],
+         r'\(micro\); you asked for .*\(tiny\): pass --model micro'),
         (['--checkpoint', str(tmp_path / 'missing.pt')], 'no checkpoint file'),
         (['--method', 'tokens-mlp', '--cached'], '--cached is not used by --method tokens-mlp'),
-        (['--method', 'tokens-mlp', '--model', 'tiny'], '--model is not used by --method tokens-mlp'),
+        (['--method', 'tokens-mlp', '--model', 'tiny'], '--model is not used by --method tokens-'),
         (['--checkpoint', 'none', '--tokens', tokens], '--tokens is not used by --method linear'),
         (['--method', 'tokens-mlp', '--data', root], 'needs --tokens and --val-tokens'),
-        (['--method', 'tokens-mlp', '--data', root, '--tokens', tokens, '--val-tokens', str(tmp_path / 'none')],
+        (['--method', 'tokens-mlp', '--data', root, '--tokens', tokens,
+          '--val-tokens', str(tmp_path / 'none')],
          r'no token file .*meta\.json: run `python tokenizer\.py .* --split val .*--codebook'),
-        (['--checkpoint', 'none', '--eval-crop', '1.5'], '--eval-crop must be at most 1'),
+        (['--checkpoint', 'none', '--eval-crop', '1.5'], r'--eval-crop must be in \[0, 1\]'),
+        (['--checkpoint', 'none', '--epochs', '0'], '--epochs must be positive'),
+        (['--checkpoint', 'none', '--data', root, '--batch-size', '64'],
+         '40 training images, fewer than one --batch-size 64: pass --batch-size 40'),
     ]
+    if not torch.cuda.is_available():
+        cases.append((['--checkpoint', 'none', '--device', 'cuda'], 'no GPU.*pass --device cpu'))
     for argv, message in cases:
-        with pytest.raises(SystemExit, match=f'^probe.py: .*{message}'):
+        with pytest.raises(SystemExit, match=f'^probe.py: .*{message}') as error:
             probe.main([*argv, '--results', str(tmp_path / 'r.jsonl'), *FAST])
+        assert '\n' not in str(error.value)
+    monkeypatch.setenv('WORLD_SIZE', '3')          # as torchrun sets it: checked before joining
+    with pytest.raises(SystemExit, match='--batch-size 256 does not divide among 3 processes: pass '
+                       '--batch-size 255'):
+        probe.main(['--checkpoint', 'none', *FAST])
     assert not os.path.exists(tmp_path / 'r.jsonl')
+
+
+def commands_in(message):
+    """The tokenizer.py argument lists of the `python tokenizer.py ...` commands in a message."""
+    commands = [shlex.split(c) for c in re.findall('`([^`]*)`', message)]
+    assert commands and all(c[:2] == ['python', 'tokenizer.py'] for c in commands)
+    return [c[2:] for c in commands]
+
+
+def test_missing_token_dirs_name_the_commands_that_make_them(folder):
+    root, _ = folder
+    with pytest.raises(SystemExit) as error:
+        probe.main(['--method', 'tokens-mlp', '--data', root, *FAST])
+    train, val = (tokenizer.get_args_parser().parse_args(c) for c in commands_in(str(error.value)))
+    assert (train.data, train.split, train.codebook) == (root, 'train', None)
+    assert (val.data, val.split, val.codebook) == (root, 'val', train.out) and val.out != train.out
+    assert str(error.value).endswith(f'then pass --tokens {train.out} --val-tokens {val.out}')
+
+
+def test_train_tokens_as_val_tokens_suggest_a_command_that_works(folder, tmp_path):
+    """The fix names the val split, the train codebook and a new dir; run as printed, it works."""
+    root, tokens = folder
+    argv = ['--method', 'tokens-mlp', '--data', root, '--tokens', tokens, '--epochs', '1',
+            '--batch-size', '8', '--results', str(tmp_path / 'r.jsonl'), *FAST]
+    with pytest.raises(SystemExit, match=r'holds tokens of .* train \(40 images\), not of .* val') \
+            as error:
+        probe.main([*argv, '--val-tokens', tokens])
+    [command] = commands_in(str(error.value))
+    val = tokenizer.get_args_parser().parse_args(command)
+    assert (val.split, val.codebook, val.out) == ('val', tokens, tokens + '_val')
+    assert str(error.value).endswith(f'then pass --val-tokens {val.out}')
+    tokenizer.main(command)
+    assert probe.main([*argv, '--val-tokens', val.out])['count'] == 11
