@@ -27,7 +27,8 @@ with warnings.catch_warnings():  # clip-anytorch imports pkg_resources
 #  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)
 RN50 = (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12)
 TINY = (64, 64, (1, 1, 1, 1), 16, None, 77, 49408, 64, 1, 2)
-ODD = (256, 128, (1, 2, 1, 1), 32, None, 40, 49408, 128, 2, 3)  # every size differs from RN50
+ODD = (48, 96, (1, 2, 1, 1), 8, None, 40, 49408, 128, 2, 2)  # all but the vocabulary unlike RN50
+MICRO = (16, 32, (1, 1, 1, 1), 8, None, 8, 64, 64, 1, 1)  # no text to tokenize: a tiny vocabulary
 TEXTS = ['a photo of a dog', 'I ❤️ 🐶 and 🍕!!']
 
 
@@ -59,8 +60,8 @@ def close(ours: torch.Tensor, ref: torch.Tensor):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-def check_parity(ref: RefCLIP, ours: clip_model.CLIP, res: int, dense_hw: tuple[int, int], context_length: int = 77,
-                 logits: bool = True):
+def check_parity(ref: RefCLIP, ours: clip_model.CLIP, res: int, dense_hw: tuple[int, int],
+                 context_length: int = 77, logits: bool = True):
     torch.manual_seed(1)
     images = torch.randn(2, 3, res, res)
     tokens = clip.tokenize(TEXTS, context_length=context_length)
@@ -71,7 +72,8 @@ def check_parity(ref: RefCLIP, ours: clip_model.CLIP, res: int, dense_hw: tuple[
             close(o, r)
         x = torch.randn(2, 3, *dense_hw)
         dense = ours.encode_dense(x)
-        assert dense.shape == (2, ref.visual.layer4[-1].conv3.out_channels, dense_hw[0] // 32, dense_hw[1] // 32)
+        channels = ref.visual.layer4[-1].conv3.out_channels
+        assert dense.shape == (2, channels, dense_hw[0] // 32, dense_hw[1] // 32)
         close(dense, reference_dense(ref.visual, x))
 
 
@@ -85,6 +87,7 @@ def rn50(tmp_path_factory):
     return ref, ours
 
 
+@pytest.mark.slow
 def test_rn50_keys_shapes_and_config(rn50):
     ref, ours = rn50
     theirs, mine = ref.state_dict(), ours.state_dict()
@@ -94,25 +97,29 @@ def test_rn50_keys_shapes_and_config(rn50):
     assert all(v.dtype != torch.float16 for v in mine.values()) and not ours.training
 
 
+@pytest.mark.slow
 def test_rn50_matches_reference(rn50):
     # dense features on a non-square, non-native size; forward() is checked on the smaller models
     check_parity(*rn50, res=224, dense_hw=(64, 96), logits=False)
 
 
-def test_encode_image_off_native_size_is_a_clear_error(rn50):
-    with pytest.raises(ValueError, match='needs 224x224 px'), torch.no_grad():
-        rn50[1].encode_image(torch.randn(1, 3, 96, 96))
+def test_encode_image_off_native_size_is_a_clear_error():
+    ours = clip_model.CLIP(clip_model.CLIPConfig(*MICRO[:4], *MICRO[5:])).eval()
+    with pytest.raises(ValueError, match='needs 32x32 px'), torch.no_grad():
+        ours.encode_image(torch.randn(1, 3, 64, 64))
 
 
+@pytest.mark.slow
 def test_torchscript_archive_as_openai_ships_it(tmp_path):
     ref = reference(TINY, seed=2)
     for key, value in (('input_resolution', 64), ('context_length', 77), ('vocab_size', 49408)):
         if hasattr(ref, key):
-            delattr(ref, key)  # a plain int attribute there; OpenAI's archives hold these as tensors
+            delattr(ref, key)  # a plain int there; OpenAI's archives hold these as tensors
         ref.register_buffer(key, torch.tensor(value))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        traced = torch.jit.trace(ref, (torch.randn(1, 3, 64, 64), clip.tokenize(['hi'])), check_trace=False)
+        example = (torch.randn(1, 3, 64, 64), clip.tokenize(['hi']))
+        traced = torch.jit.trace(ref, example, check_trace=False)
         torch.jit.save(traced, tmp_path / 'tiny.pt')
         assert 'input_resolution' in torch.jit.load(tmp_path / 'tiny.pt').state_dict()
     ours = clip_model.load(str(tmp_path / 'tiny.pt'))
@@ -121,11 +128,14 @@ def test_torchscript_archive_as_openai_ships_it(tmp_path):
 
 
 def test_architecture_read_from_shapes(tmp_path):
+    """The fast parity check: a small model of odd sizes, every output against OpenAI's code."""
     ref = reference(ODD, seed=3)
-    torch.save({'state_dict': ref.state_dict(), 'epoch': 7}, tmp_path / 'odd.pt')  # a wrapped state dict
+    wrapped = {'state_dict': ref.state_dict(), 'epoch': 7}  # a wrapped state dict
+    torch.save(wrapped, tmp_path / 'odd.pt')
     ours = clip_model.load(str(tmp_path / 'odd.pt'))
-    assert ours.config == clip_model.CLIPConfig(256, 128, (1, 2, 1, 1), 32, 40, 49408, 128, 2, 3)
-    check_parity(ref, ours, res=128, dense_hw=(64, 64), context_length=40)
+    assert list(ours.state_dict()) == list(ref.state_dict())  # OpenAI's keys, in OpenAI's order
+    assert ours.config == clip_model.CLIPConfig(48, 96, (1, 2, 1, 1), 8, 40, 49408, 128, 2, 2)
+    check_parity(ref, ours, res=96, dense_hw=(64, 96), context_length=40)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
@@ -134,6 +144,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(SystemExit, match='cannot read .*junk.pt'):
         clip_model.load(str(tmp_path / 'junk.pt'))
+    (tmp_path / 'notes.txt').write_text('a text file\n')  # the unpickler raised a KeyError here
+    with pytest.raises(SystemExit, match=r'cannot read .*notes.txt .*TorchScript archive or state'):
+        clip_model.load(str(tmp_path / 'notes.txt'))
     torch.save({'weight': torch.zeros(3)}, tmp_path / 'other.pt')
     with pytest.raises(SystemExit, match='not an OpenAI CLIP state dict'):
         clip_model.load(str(tmp_path / 'other.pt'))
@@ -145,15 +158,17 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 
 
 def test_tokenize_matches_reference():
-    texts = ['a photo of a dog', 'Café naïve résumé Zürich', 'I ❤️ 🐶 and 🍕!!', '3.14159 is π, 1,000,000 items',
-             "don't stop-believing; it's O.K.?", 'Tom &amp; Jerry &lt;3 &amp;amp;',
-             '<b>tags</b> &amp;amp; entities', 'triple &amp;amp;amp; escaped', '   lots \t of\n\n  whitespace  ',
-             '', 'mojibake: â€œquotedâ€\x9d', '中文 日本語 한국어', '<|endoftext|> inside', 'UPPER lower MiXeD',
-             'antidisestablishmentarianism ' * 40]
+    texts = ['a photo of a dog', 'Café naïve résumé Zürich', 'I ❤️ 🐶 and 🍕!!',
+             '3.14159 is π, 1,000,000 items', "don't stop-believing; it's O.K.?",
+             'Tom &amp; Jerry &lt;3 &amp;amp;', '<b>tags</b> &amp;amp; entities',
+             'triple &amp;amp;amp; escaped', '   lots \t of\n\n  whitespace  ', '',
+             'mojibake: â€œquotedâ€\x9d', '中文 日本語 한국어', '<|endoftext|> inside',
+             'UPPER lower MiXeD', 'antidisestablishmentarianism ' * 40]
     ours, theirs = clip_model.tokenize(texts, truncate=True), clip.tokenize(texts, truncate=True)
     assert ours.dtype == torch.long and ours.shape == (len(texts), 77)
     assert torch.equal(ours, theirs)
-    assert torch.equal(clip_model.tokenize('a dog', context_length=16), clip.tokenize('a dog', context_length=16))
+    short = clip_model.tokenize('a dog', context_length=16)
+    assert torch.equal(short, clip.tokenize('a dog', context_length=16))
     with pytest.raises(RuntimeError, match='too long for context length 77'):
         clip.tokenize(texts[-1])
     with pytest.raises(RuntimeError, match='too long for context length 77'):
@@ -166,8 +181,8 @@ def test_tokenize_matches_reference():
 @pytest.fixture
 def release(tmp_path, monkeypatch):
     """A tiny checkpoint 'published' at file:// URLs laid out like OpenAI's: .../<sha256>/<name>.pt,
-    once under its true hash ('tiny') and once under a wrong one ('bad'); plus an empty cache dir."""
-    ref = reference(TINY, seed=4)
+    once under its true hash ('tiny'), once under a wrong one ('bad'); plus an empty cache dir."""
+    ref = reference(MICRO, seed=4)
     torch.save(ref.state_dict(), tmp_path / 'tiny.pt')
     data = (tmp_path / 'tiny.pt').read_bytes()
     urls = {}
@@ -179,25 +194,32 @@ def release(tmp_path, monkeypatch):
     return ref, tmp_path / 'cache', data
 
 
+def assert_same_weights(ours: clip_model.CLIP, ref: RefCLIP):
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    assert list(mine) == list(theirs) and all(torch.equal(v, theirs[k]) for k, v in mine.items())
+
+
 def test_download_verifies_and_caches(release, monkeypatch):
     ref, cache, data = release
     ours = clip_model.load('tiny', download_root=str(cache))
-    assert os.listdir(cache) == ['tiny.pt'] and (cache / 'tiny.pt').read_bytes() == data  # no temporary left
-    check_parity(ref, ours, res=64, dense_hw=(64, 64))
+    assert os.listdir(cache) == ['tiny.pt']  # no temporary left
+    assert (cache / 'tiny.pt').read_bytes() == data
+    assert_same_weights(ours, ref)  # what the model computes with them: the parity tests
     (cache / 'tiny.pt').write_bytes(b'corrupted')  # a bad cached copy is replaced, never used
     with pytest.warns(UserWarning, match='expected SHA-256'):
-        clip_model.load('tiny', download_root=str(cache))
+        assert_same_weights(clip_model.load('tiny', download_root=str(cache)), ref)
     assert (cache / 'tiny.pt').read_bytes() == data
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError('no network')
     monkeypatch.setattr(urllib.request, 'urlopen', offline)
-    clip_model.load('tiny', download_root=str(cache))  # a good cached copy needs no network
+    ours = clip_model.load('tiny', download_root=str(cache))  # a good cached copy: no network
+    assert_same_weights(ours, ref)
 
 
 def test_checksum_mismatch_is_refused_and_deleted(release):
     _, cache, _ = release
-    with pytest.raises(SystemExit, match=r'SHA-256 [0-9a-f]{64}, expected 0{64}; the file was deleted'):
+    with pytest.raises(SystemExit, match=r'SHA-256 [0-9a-f]{64}, expected 0{64}; the file was del'):
         clip_model.load('bad', download_root=str(cache))
     assert os.listdir(cache) == []
 
@@ -212,11 +234,14 @@ def test_offline_message_names_url_and_path(release, monkeypatch):
     with pytest.raises(SystemExit) as error:
         clip_model.load('tiny')
     message = str(error.value)
-    assert clip_model.MODELS['tiny'] in message and str(cache / 'tiny.pt') in message and '\n' not in message
+    assert clip_model.MODELS['tiny'] in message and str(cache / 'tiny.pt') in message
+    assert '\n' not in message
     assert os.listdir(cache) == []
 
 
 def test_model_table_and_normalisation_equal_openai():
-    assert clip_model.MODELS == {name: url for name, url in clip.clip._MODELS.items() if name.startswith('RN')}
+    resnets = {name: url for name, url in clip.clip._MODELS.items() if name.startswith('RN')}
+    assert clip_model.MODELS == resnets
     normalize = clip.clip._transform(224).transforms[-1]
-    assert (clip_model.IMAGE_MEAN, clip_model.IMAGE_STD) == (tuple(normalize.mean), tuple(normalize.std))
+    assert clip_model.IMAGE_MEAN == tuple(normalize.mean)
+    assert clip_model.IMAGE_STD == tuple(normalize.std)

@@ -1,7 +1,9 @@
 """tokenizer.py: k-means against scikit-learn and brute force, empty clusters, 1 vs 2 processes
 (torchrun, gloo), the command end to end on the demo (pixels) and on an ImageFolder with a random
 CLIP ResNet (tokens recomputed with OpenAI's reference code), the shared geometry, bad input."""
+import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -45,19 +47,21 @@ def assert_nearest(tokens, x, c, tol=1e-4):
 def test_kmeans_inertia_matches_sklearn():
     x = blobs()
     sk = KMeans(12, n_init=4, random_state=0).fit(x)
-    runs = [tokenizer.kmeans(torch.tensor(x, dtype=torch.float32), 12, iters=30, seed=s) for s in range(4)]
-    ours = [nearest(x, c).min(1).sum() for c, _ in runs]     # recomputed, not the reported value
-    assert min(ours) <= 1.01 * sk.inertia_                    # best of 4 k-means++ starts, as sklearn
+    xt = torch.tensor(x, dtype=torch.float32)
+    runs = [tokenizer.kmeans(xt, 12, iters=30, seed=s) for s in range(4)]
+    ours = [nearest(x, c).min(1).sum() for c, _ in runs]  # recomputed, not the reported value
+    assert min(ours) <= 1.01 * sk.inertia_  # best of 4 k-means++ starts, as sklearn
     for (c, inertia), true in zip(runs, ours):
         assert inertia[-1] == pytest.approx(true, rel=1e-4) and len(inertia) == 31
-        assert all(b <= a * (1 + 1e-6) for a, b in zip(inertia, inertia[1:]))   # Lloyd never goes up
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(inertia, inertia[1:]))  # never goes up
 
 
 def test_lloyd_steps_match_sklearn_from_the_same_init():
-    x = blobs(std=3.0)                                         # overlapping: points move for a while
+    x = blobs(std=3.0)  # overlapping: points move for a while
     init = x[np.random.default_rng(0).choice(len(x), 12, replace=False)]
     sk = KMeans(12, init=init, n_init=1, max_iter=6, algorithm='lloyd', tol=0).fit(x)
-    c, _ = tokenizer.kmeans(torch.tensor(x, dtype=torch.float32), 12, iters=6, init=torch.tensor(init))
+    c, _ = tokenizer.kmeans(torch.tensor(x, dtype=torch.float32), 12, iters=6,
+                            init=torch.tensor(init))
     assert np.allclose(c.numpy(), sk.cluster_centers_, atol=1e-4)
 
 
@@ -72,7 +76,8 @@ def test_assign_is_nearest_centroid_in_chunks():
 
 def test_empty_cluster_is_reseeded():
     x = blobs(k=5, std=0.5)
-    init = torch.tensor(np.concatenate([x[:4], np.full((1, 6), 1e3)]), dtype=torch.float32)  # one lost centroid
+    lost = np.full((1, 6), 1e3)  # a centroid no point is near
+    init = torch.tensor(np.concatenate([x[:4], lost]), dtype=torch.float32)
     c, _ = tokenizer.kmeans(torch.tensor(x, dtype=torch.float32), 5, iters=8, init=init)
     counts = np.bincount(nearest(x, c).argmin(1), minlength=5)
     assert counts.min() > 0 and np.abs(c.numpy()).max() < 100
@@ -85,7 +90,7 @@ def test_empty_cluster_is_reseeded():
 
 
 def test_pixel_feature_is_the_vit_patch():
-    """Feature (i, j) = the 3 x p x p block the ViT's patch embedding (a stride-p conv) sees at (i, j)."""
+    """Feature (i, j) = the 3 x p x p block the ViT's patch embedding (stride-p conv) sees there."""
     images = torch.randn(2, 3, 32, 32)
     f = tokenizer.pixel_features(images, 4)                   # [B, G, G, 3*4*4]
     assert f.shape == (2, 8, 8, 48)
@@ -102,7 +107,8 @@ def test_pixel_feature_is_the_vit_patch():
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('demo')
-    train = tokenizer.main(['--data', 'demo', '--split', 'train', '--out', str(root / 'train'), *DEMO])
+    train = tokenizer.main(['--data', 'demo', '--split', 'train', '--out', str(root / 'train'),
+                            *DEMO])
     val = tokenizer.main(['--data', 'demo', '--split', 'val', '--codebook', str(root / 'train'),
                           '--out', str(root / 'val')])
     return root, train, val
@@ -116,13 +122,15 @@ def demo_features(split, index):
     return patches.reshape(len(img), 64, 48)
 
 
+@pytest.mark.slow
 def test_demo_pixels_end_to_end(demo_run):
     root, train, val = demo_run
     tokens, meta = data.load_tokens(str(root / 'train'), 'demo', 'train', 5000, 8, vocab_size=64)
     codebook = np.load(root / 'train' / 'codebook.npy')
     assert tokens.dtype == np.uint16 and tokens.shape == (5000, 8, 8) and tokens.max() < 64
     assert codebook.dtype == np.float32 and codebook.shape == (64, 48)
-    assert meta == train and meta['features'] == 'pixels' and meta['image_size'] == 32 and meta['skipped'] == []
+    assert meta == train and meta['features'] == 'pixels' and meta['image_size'] == 32
+    assert meta['skipped'] == []
     assert abs(meta['features_fitted'] - 0.1 * 5000 * 64) < 0.03 * 0.1 * 5000 * 64   # --sample 0.1
     assert len(meta['inertia']) == 4 and 1 < meta['perplexity'] <= meta['tokens_used'] <= 64
     some = np.arange(0, 5000, 10)
@@ -135,7 +143,8 @@ def test_demo_pixels_end_to_end(demo_run):
     assert_nearest(vtokens, demo_features('val', np.arange(1000)).reshape(-1, 48), codebook)
 
 
-def test_tokenizer_cuts_images_with_the_shared_geometry(demo_run, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_tokenizer_cuts_images_with_the_shared_geometry(demo_run, tmp_path, monkeypatch, capsys):
     """Swap data.pretrain_geometry for one that also shifts the image right by one patch: the
     tokenizer must call it (at patch*G px) and its token grid must shift with it."""
     root, _, _ = demo_run
@@ -147,12 +156,15 @@ def test_tokenizer_cuts_images_with_the_shared_geometry(demo_run, tmp_path, monk
         return transforms.Compose([shared(size), roll])
 
     monkeypatch.setattr(data, 'pretrain_geometry', shifted)
-    tokenizer.main(['--data', 'demo', '--split', 'val', '--codebook', str(root / 'train'), '--out', str(tmp_path)])
+    tokenizer.main(['--data', 'demo', '--split', 'val', '--codebook', str(root / 'train'),
+                    '--out', str(tmp_path)])
     assert calls == [32]
+    assert 'git revision ' in capsys.readouterr().out  # the run prints its revision and arguments
     before, after = np.load(root / 'val' / 'tokens.npy'), np.load(tmp_path / 'tokens.npy')
     assert (after[:, :, 1:] == before[:, :, :-1]).mean() > 0.999
 
 
+@pytest.mark.slow
 def test_two_processes_fit_the_same_codebook(demo_run, tmp_path):
     """torchrun --nproc_per_node=2 (gloo): k-means on rows split unevenly over ranks, with k-means++
     and with a lost centroid to re-seed, and the whole demo command, equal the 1-process results."""
@@ -177,13 +189,15 @@ if rank == 0:
 dist.destroy_process_group()
 ''')
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.path.join(REPO, 'tests')}
-    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                          '--nproc_per_node=2', str(script), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = np.load(tmp_path / 'kmeans.npz')
     x = torch.tensor(blobs(n=2001), dtype=torch.float32)
     c, inertia = tokenizer.kmeans(x, 12, iters=10, seed=3)
-    assert np.allclose(got['pp'], c.numpy(), atol=1e-4) and np.allclose(got['pp_inertia'], inertia, rtol=1e-6)
+    assert np.allclose(got['pp'], c.numpy(), atol=1e-4)
+    assert np.allclose(got['pp_inertia'], inertia, rtol=1e-6)
     c, _ = tokenizer.kmeans(x, 12, iters=10, init=torch.cat([x[:11], torch.full((1, 6), 1e3)]))
     assert np.allclose(got['lost'], c.numpy(), atol=1e-4) and np.abs(c.numpy()).max() < 100
     one, two = root / 'train', tmp_path / 'tok'
@@ -197,11 +211,13 @@ dist.destroy_process_group()
 # the command with CLIP features on an image folder
 
 
+@pytest.mark.slow
 def test_clip_features_end_to_end(tmp_path):
-    import clip                                               # OpenAI's reference code: test-only oracle
+    import clip  # OpenAI's reference code: test-only oracle
     torch.manual_seed(0)
-    ref = clip.model.CLIP(64, 64, (1, 1, 1, 1), 16, None, 77, 49408, 64, 1, 1).eval()  # tiny RN, 512 channels
-    for name, p in ref.named_parameters():                    # CLIP zero-inits bn3: make every block count
+    # a tiny ResNet (512 channels in layer4), no text to tokenize: a tiny vocabulary
+    ref = clip.model.CLIP(64, 64, (1, 1, 1, 1), 16, None, 8, 64, 64, 1, 1).eval()
+    for name, p in ref.named_parameters():  # CLIP zero-inits bn3: make every block count
         if name.endswith('bn3.weight'):
             torch.nn.init.ones_(p)
     ckpt = str(tmp_path / 'rn.pt')
@@ -213,19 +229,23 @@ def test_clip_features_end_to_end(tmp_path):
             Image.fromarray(rng.integers(0, 256, (48 + 7 * i, 90 - 3 * i, 3), dtype=np.uint8)).save(
                 tmp_path / 'imgs' / split / 'ab'[i % 2] / f'{i}.jpg')
     good = (tmp_path / 'imgs' / 'train' / 'a' / '0.jpg').read_bytes()
-    (tmp_path / 'imgs' / 'train' / 'a' / 'broken.jpg').write_bytes(good[:len(good) // 2])  # truncated JPEG
+    truncated = good[:len(good) // 2]
+    (tmp_path / 'imgs' / 'train' / 'a' / 'broken.jpg').write_bytes(truncated)
     folder, out = str(tmp_path / 'imgs'), str(tmp_path / 'tok')
     with pytest.warns(UserWarning) as caught:
-        meta = tokenizer.main(['--data', folder, '--split', 'train', '--clip', ckpt, '--grid', '2', '--vocab', '6',
+        meta = tokenizer.main(['--data', folder, '--split', 'train', '--clip', ckpt, '--grid', '2',
+                               '--vocab', '6',
                                '--sample', '1', '--iters', '5', '--workers', '0', '--out', out])
     bad_path = os.path.join(folder, 'train', 'a', 'broken.jpg')
-    assert [str(w.message).startswith(f'skipping unreadable image {bad_path}') for w in caught].count(True) == 1
+    skipped = f'skipping unreadable image {bad_path}'
+    assert [str(w.message).startswith(skipped) for w in caught].count(True) == 1
     tokenizer.main(['--data', folder, '--split', 'val', '--codebook', out, '--workers', '1',
                     '--out', str(tmp_path / 'val')])
     ds = data.build_dataset(folder, 'train')
     broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith('broken.jpg')]
     assert meta['skipped'] == broken and meta['features'] == f'clip:{ckpt}'
-    assert meta['image_size'] == 64 and meta['feature_dim'] == 512 and meta['features_fitted'] == 13 * 4
+    assert meta['image_size'] == 64 and meta['feature_dim'] == 512
+    assert meta['features_fitted'] == 13 * 4
     codebook = np.load(os.path.join(out, 'codebook.npy'))
     assert codebook.shape == (6, 512)
     # reference features: CLIP's own preprocessing at 64 px, layer4 of the reference model
@@ -252,11 +272,14 @@ def test_clip_features_end_to_end(tmp_path):
     (['--sample', '0'], r'--sample 0.0 is not in \(0, 1\]'),
     (['--sample', '1.5'], r'--sample 1.5 is not in \(0, 1\]'),
     (['--vocab', '70000'], r'--vocab 70000 is not in 1..65536'),
-    (['--vocab', '40000'], r'--vocab 40000 is more than the 3\d{4} sampled features: lower --vocab or raise --sample'),
+    (['--split', 'val', '--vocab', '40000'],  # 1,000 images x 64 patches x 0.1 sampled
+     r'--vocab 40000 is more than the 6\d{3} sampled features: lower --vocab or raise --sample'),
     (['--features', 'clip', '--patch', '4'], '--patch applies to --features pixels'),
     (['--clip', 'RN50'], '--clip applies to --features clip'),
     (['--data', 'imagenet'], "unknown dataset 'imagenet'"),
-    (['--codebook', '/nonexistent'], r'--codebook /nonexistent holds no codebook.npy: fit one first'),
+    (['--codebook', '/nonexistent'], '--codebook /nonexistent holds no codebook.npy: fit one'),
+    (['--batch-size', '0'], '--batch-size must be positive, got 0'),
+    (['--workers', '-1'], '--workers must not be negative, got -1'),
 ])
 def test_bad_arguments(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message) as e:
@@ -264,12 +287,47 @@ def test_bad_arguments(argv, message, tmp_path):
     assert '\n' not in str(e.value)
 
 
-def test_codebook_mismatch(demo_run, tmp_path):
-    root, _, _ = demo_run
-    codebook = ['--split', 'val', '--codebook', str(root / 'train')]
+def fake_codebook(path, **meta):
+    """A token dir holding only what --codebook reads: codebook.npy and meta.json."""
+    os.makedirs(path, exist_ok=True)
+    np.save(os.path.join(path, 'codebook.npy'), np.zeros((64, 48), np.float32))
+    meta = dict(features='pixels', grid=8, vocab_size=64, image_size=32, sample=0.1, iters=3,
+                seed=0, features_fitted=32000, inertia=[1.0] * 4, **meta)
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return str(path)
+
+
+def test_codebook_mismatch(tmp_path):
+    codebook = ['--split', 'val', '--codebook', fake_codebook(tmp_path / 'train')]
     with pytest.raises(SystemExit, match=r'--grid 4 does not match the codebook in .* \(grid 8\)'):
         tokenizer.main([*codebook, '--grid', '4', '--out', str(tmp_path)])
     with pytest.raises(SystemExit, match=r'--features clip does not match .* \(features pixels\)'):
         tokenizer.main([*codebook, '--features', 'clip', '--out', str(tmp_path)])
     with pytest.raises(SystemExit, match='is the --codebook dir'):
-        tokenizer.main([*codebook, '--out', str(root / 'train')])
+        tokenizer.main([*codebook, '--out', str(tmp_path / 'train')])
+    args = tokenizer.resolve_args(tokenizer.get_args_parser().parse_args([*codebook, '--out', 'v']))
+    settings = (args.features, args.grid, args.patch, args.vocab, args.clip)
+    assert settings == ('pixels', 8, 4, 64, None)
+
+
+def test_fit_command_in_the_message_works_when_pasted(tmp_path):
+    """The codebook a val run lacks: the message gives the train command with the run's flags."""
+    missing = str(tmp_path / 'no such dir')
+    with pytest.raises(SystemExit) as e:
+        tokenizer.main(['--split', 'val', '--codebook', missing, '--grid', '14', '--patch', '16',
+                        '--features', 'pixels', '--out', str(tmp_path / 'val')])
+    fit = shlex.split(str(e.value).split('`')[1])
+    assert fit[:2] == ['python', 'tokenizer.py'] and '--codebook' not in fit
+    args = tokenizer.resolve_args(tokenizer.get_args_parser().parse_args(fit[2:]))
+    settings = (args.split, args.out, args.grid, args.patch, args.features)
+    assert settings == ('train', missing, 14, 16, 'pixels')
+
+
+def test_clip_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / 'notes.txt').write_text('not a checkpoint\n')
+    with pytest.raises(SystemExit, match=r'--clip: cannot read .*notes.txt .*TorchScript archive '
+                       'or state dict') as e:
+        tokenizer.main(['--split', 'val', '--features', 'clip', '--grid', '1', '--device', 'cpu',
+                        '--clip', str(tmp_path / 'notes.txt'), '--out', str(tmp_path / 'out')])
+    assert '\n' not in str(e.value)
