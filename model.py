@@ -4,7 +4,7 @@ Paper: Baraldi et al., "Learning to Mask and Permute Visual Tokens for Vision Tr
 Pre-Training" (MaPeT), Sec. 3-4.1, Fig. 1-2, Eq. 1-3. Every objective predicts the visual token
 of some patches (Sec. 3, "Visual tokens") with a linear classifier over the vocabulary:
 
-    mim    random patches replaced by a mask token, predicted from the corrupted image (Fig. 1a)
+    mim    random patches replaced by a mask token and predicted (Fig. 1a)
     beit   as mim, with BEiT's block-wise masking
     pim    patches permuted, the last M predicted one by one by a query stream (Eq. 1, Fig. 1b)
     mapet  pim + position-aware mask tokens of all targets in the content stream (Eq. 2, Fig. 1c)
@@ -14,13 +14,13 @@ checkpoint loads into `timm.create_model('vit_small_patch16_224', ...)` unchange
 
     from model import create_model, Pretrainer
     pre = Pretrainer(create_model('tiny'), 'mapet', vocab_size=8192)
-    logits, loss = pre(images, tokens)     # images (B, 3, 224, 224), tokens (B, 196)
-    classifier = pre.backbone              # a plain ViT: classifier(images) -> (B, classes)
+    logits, loss = pre(images, tokens)  # images (B, 3, 224, 224), tokens (B, 196)
+    classifier = pre.backbone  # a plain ViT: classifier(images) -> (B, classes)
 
 Test: python -m pytest -q tests/test_model.py
 
-Shape letters: B batch, N patches, M targets, L content-stream length, D width, H heads,
-K vocabulary, G grid side.
+Shape letters: B batch, N patches, M targets, L content length, D width, H heads, K vocabulary,
+G grid side.
 """
 import math
 from functools import lru_cache
@@ -32,11 +32,10 @@ from torch.utils.checkpoint import checkpoint
 
 OBJECTIVES = ('mim', 'beit', 'pim', 'mapet')
 
-# ----------------------------------------------------------------------------------------------
 # The ViT backbone (Sec. 3, "Image patches"), in timm's parameter layout.
 
 MODEL_CONFIGS = {
-    # A CPU-sized ViT for the built-in 32 px demo images: patch 4 gives an 8x8 grid (N = 64).
+    # The 32 px demo images on a CPU: an 8x8 grid (N = 64).
     'micro': dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4),
     # Tab. 7: hidden size 192 / 384 / 768, FFN 4x, heads of size 64, 12 layers, patch 16, 224 px.
     'tiny': dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
@@ -46,8 +45,6 @@ MODEL_CONFIGS = {
 
 
 class PatchEmbed(nn.Module):
-    """Cut the image into P x P patches and project each to D dimensions (one strided conv)."""
-
     def __init__(self, img_size, patch_size, embed_dim):
         super().__init__()
         self.img_size, self.grid = img_size, img_size // patch_size
@@ -56,16 +53,15 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images):
         """(B, 3, H, W) -> (B, N, D), patches in raster order."""
-        if images.shape[1:] != (3, self.img_size, self.img_size):
-            raise ValueError(f'images have shape {tuple(images.shape)}, the model expects [B, 3, '
-                             f'{self.img_size}, {self.img_size}]: resize the images or build the '
-                             f'model with img_size={images.shape[-1]}')
+        size = self.img_size
+        if images.shape[1:] != (3, size, size):
+            raise ValueError(f'images have shape {tuple(images.shape)}, the model expects '
+                             f'[B, 3, {size}, {size}]: resize them or build the model with '
+                             f'img_size={images.shape[-1]}')
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
-    """Multi-head attention: queries from the rows of x, keys and values from those of context."""
-
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
@@ -75,16 +71,15 @@ class Attention(nn.Module):
     def project(self, x, context):
         """q (B, H, T, D/H) from x (B, T, D); k, v (B, H, L, D/H) from context (B, L, D)."""
         D, H = x.shape[-1], self.num_heads
-        w_q, w_kv = self.qkv.weight.split([D, 2 * D])
-        b_q, b_kv = self.qkv.bias.split([D, 2 * D])
-        q = F.linear(x, w_q, b_q).unflatten(-1, (H, -1)).transpose(1, 2)
-        k, v = F.linear(context, w_kv, b_kv).unflatten(-1, (2, H, -1)).permute(2, 0, 3, 1, 4)
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x, w[:D], b[:D]).unflatten(-1, (H, -1)).transpose(1, 2)
+        k, v = F.linear(context, w[D:], b[D:]).unflatten(-1, (2, H, -1)).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def forward(self, x, context, mask=None):
         """(B, T, D) -> (B, T, D); mask (T, L) bool, True = may attend."""
         out = F.scaled_dot_product_attention(*self.project(x, context), attn_mask=mask)
-        return self.proj(out.transpose(1, 2).flatten(2))                  # heads back to (B, T, D)
+        return self.proj(out.transpose(1, 2).flatten(2))
 
 
 class Mlp(nn.Module):
@@ -97,7 +92,7 @@ class Mlp(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """Per-channel residual scale (CaiT), initialised to 0.1 (Tab. 7, "Layer scale")."""
+    """Per-channel residual scale (CaiT), 0.1 at first (Tab. 7, "Layer scale")."""
 
     def __init__(self, dim, init_value):
         super().__init__()
@@ -108,8 +103,8 @@ class LayerScale(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (Tab. 7): drop sample b's residual branch iff its draw < p, else scale it
-    by 1 / (1 - p). Draws come from the caller, so they can depend on (seed, epoch, index)."""
+    """Stochastic depth (Tab. 7): drop sample b's branch iff its draw < p, else scale it by
+    1 / (1 - p). The caller draws, so draws can depend on (seed, epoch, index)."""
 
     def __init__(self, p):
         super().__init__()
@@ -123,8 +118,6 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
-
     def __init__(self, dim, num_heads, mlp_ratio, layer_scale, drop_path):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -149,15 +142,14 @@ class Block(nn.Module):
         (g may see content but is never seen as content), not an optimisation. So one attention
         call serves both streams, with the mask [content_mask; query_mask] (L+M, L).
         """
-        x = torch.cat([h, g], dim=1)                                          # (B, L+M, D)
-        # h again, as a view of x: autograd then keeps no second copy of h (-5% memory)
+        x = torch.cat([h, g], dim=1)  # (B, L+M, D)
+        # h as a view of x, so autograd keeps no second copy of it (-5% memory)
         h = x[:, :h.shape[1]]
         return self(x, h, mask, drops).split([h.shape[1], g.shape[1]], dim=1)
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a CLS token, learned absolute position embeddings, layer scale, stochastic depth;
-    classification from the mean of the patch tokens -> fc_norm -> head (Sec. 5.1)."""
+    """ViT with a CLS token, learned absolute positions, layer scale and stochastic depth."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, num_classes=0, drop_path_rate=0.1, layer_scale=0.1):
@@ -188,11 +180,11 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.pos_embed
 
     def draw_drop(self, batch, device=None):
-        """Drop-path draws (B, depth), uniforms from torch's default stream (see DropPath)."""
+        """Drop-path draws (B, depth) from torch's default stream (see DropPath)."""
         return torch.rand(batch, len(self.blocks), device=device)
 
     def drops_per_block(self, batch, drop_draws, device):
-        """Each block's (B,) column of drop_draws (drawn when None); Nones in eval or at rate 0."""
+        """Each block's (B,) column of drop_draws (drawn if None); Nones in eval or at rate 0."""
         if not self.training or self.config['drop_path_rate'] == 0:
             return [None] * len(self.blocks)
         return (self.draw_drop(batch, device) if drop_draws is None else drop_draws).unbind(1)
@@ -203,7 +195,7 @@ class VisionTransformer(nn.Module):
         return block(*args)
 
     def run_blocks(self, x, drop_draws=None):
-        """All blocks over the tokens x (B, T, D)."""
+        """x (B, T, D) through every block."""
         for block, drops in zip(self.blocks, self.drops_per_block(len(x), drop_draws, x.device)):
             x = self.run_block(block, x, None, None, drops)
         return x
@@ -213,50 +205,26 @@ class VisionTransformer(nn.Module):
         return self.run_blocks(self.embed(self.patch_embed(images)), drop_draws)
 
     def pool(self, features):
-        """Image representation: mean of the patch tokens (not CLS) -> fc_norm (Sec. 5.1)."""
+        """The image's features: mean of the patch tokens (not CLS) -> fc_norm (Sec. 5.1)."""
         return self.fc_norm(features[:, 1:].mean(dim=1))
 
     def forward(self, images, drop_draws=None):
         return self.head(self.pool(self.forward_features(images, drop_draws)))  # (B, classes)
 
-    @torch.no_grad()
-    def get_intermediate_layers(self, images, n=1):
-        """The outputs (B, 1+N, D) of the last n blocks, oldest first (for probes and pictures)."""
-        x, outputs = self.embed(self.patch_embed(images)), []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        return outputs[-n:]
-
-    @torch.no_grad()
-    def get_attention_maps(self, images, layer=-1):
-        """Attention weights (B, H, 1+N, 1+N) of one block, for pictures."""
-        x = self.embed(self.patch_embed(images))
-        index = range(len(self.blocks))[layer]
-        for block in self.blocks[:index]:
-            x = block(x)
-        xn = self.blocks[index].norm1(x)
-        q, k, _ = self.blocks[index].attn.project(xn, xn)
-        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-
 
 def init_weights(module):
+    """timm's init; LayerNorms keep PyTorch's."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
 
 def create_model(name, **overrides):
-    """A ViT by size name ('micro', 'tiny', 'small', 'base'); keywords override the config."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f'unknown model {name!r}: choose one of {", ".join(MODEL_CONFIGS)}')
     return VisionTransformer(**{**MODEL_CONFIGS[name], **overrides})
 
 
-# ----------------------------------------------------------------------------------------------
 # Attention masks of the two-stream objectives (Sec. 4.1 "Attention masking", Fig. 2b-c).
 # MPNet's trick: each sample's patches are first gathered into its own permuted order, so the
 # masks depend only on (objective, N, cut): one pair serves every batch. Content-stream layout:
@@ -265,7 +233,7 @@ def create_model(name, **overrides):
 
 @lru_cache(maxsize=None)
 def build_masks(objective, num_patches, cut, device='cpu'):
-    """(content_mask (L, L), query_mask (M, L)), bool, True = may attend; cached per shape.
+    """(content_mask (L, L), query_mask (M, L)), bool, True = may attend.
 
     With r a target's rank in the permutation, every row sees CLS and the visible patches, and:
       content row of CLS / a visible patch / a mask token: all mask tokens (mapet)
@@ -274,11 +242,11 @@ def build_masks(objective, num_patches, cut, device='cpu'):
         positions of t and of all later targets (Eq. 2); pim has t's position only (Eq. 1).
     """
     if objective not in ('pim', 'mapet'):
-        raise ValueError(f'build_masks is for the two-stream objectives pim and mapet, got '
-                         f'{objective!r} (mim and beit attend to every token)')
+        raise ValueError(f'build_masks is for the two-stream objectives pim and mapet, not '
+                         f'{objective!r}')
     check_cut(cut, num_patches)
     M = num_patches - cut
-    C = 1 + cut                                  # CLS + visible: the context everyone sees
+    C = 1 + cut  # CLS + visible: the context everyone sees
     L = 1 + num_patches + (M if objective == 'mapet' else 0)
     rank = torch.arange(M)
     earlier_or_self = rank[:, None] >= rank[None, :]  # (M, M): [t, u] = r(u) <= r(t)
@@ -292,7 +260,7 @@ def build_masks(objective, num_patches, cut, device='cpu'):
     if objective == 'mapet':
         tokens = slice(C + M, L)
         content[:C, tokens] = True
-        content[C:C + M, tokens] = ~earlier_or_self              # mask tokens of later targets
+        content[C:C + M, tokens] = ~earlier_or_self  # mask tokens of later targets
         content[C + M:, tokens] = True
         query[:, tokens] = ~earlier_or_self | torch.eye(M, dtype=torch.bool)  # own and later
     return content.to(device), query.to(device)
@@ -304,7 +272,6 @@ def check_cut(cut, num_patches):
                          f'excluded; paper c = cut + 1), got {cut!r}')
 
 
-# ----------------------------------------------------------------------------------------------
 # Input masks of the corruption objectives (Sec. 3 "MIM", Sec. 5.1 "BEiT").
 
 def random_mask(batch, num_patches, num_masked, device=None, generator=None):
@@ -316,24 +283,21 @@ def random_mask(batch, num_patches, num_masked, device=None, generator=None):
 def block_mask(grid, num_masked, generator=None, min_block=16, min_aspect=0.3):
     """(G*G,) bool, True = masked: BEiT's block-wise masking, exactly num_masked patches.
 
-    Rectangles of >= min_block patches, aspect ratio in [min_aspect, 1/min_aspect], are added
-    while they fit the budget; the rest grows the region by neighbours, so the count is exact.
+    Random rectangles are added while they fit; then the region grows to the exact count.
     """
-    g = generator if generator is not None else torch.default_generator
-
     def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand((), generator=g).item()
+        return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
     mask = torch.zeros(grid, grid, dtype=torch.bool)
-    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     misses = 0
     while mask.sum() < num_masked and misses < 10:
         remaining = num_masked - int(mask.sum())
         area = uniform(min(min_block, remaining), remaining)
-        aspect = math.exp(uniform(*log_aspect))
+        aspect = math.exp(uniform(math.log(min_aspect), math.log(1 / min_aspect)))
         h = min(grid, max(1, round(math.sqrt(area * aspect))))
         w = min(grid, max(1, round(math.sqrt(area / aspect))))
-        top = int(torch.randint(0, grid - h + 1, (), generator=g))
-        left = int(torch.randint(0, grid - w + 1, (), generator=g))
+        top = int(torch.randint(0, grid - h + 1, (), generator=generator))
+        left = int(torch.randint(0, grid - w + 1, (), generator=generator))
         new = int((~mask[top:top + h, left:left + w]).sum())
         if 0 < new <= remaining:
             mask[top:top + h, left:left + w] = True
@@ -345,22 +309,21 @@ def block_mask(grid, num_masked, generator=None, min_block=16, min_aspect=0.3):
         frontier = (grown & ~mask).flatten().nonzero().flatten()
         if len(frontier) == 0:
             frontier = (~mask).flatten().nonzero().flatten()
-        pick = frontier[torch.randint(0, len(frontier), (), generator=g)]
+        pick = frontier[torch.randint(0, len(frontier), (), generator=generator)]
         mask.view(-1)[pick] = True
     return mask.flatten()
 
 
-# ----------------------------------------------------------------------------------------------
-# Pre-training: the backbone plus what only pre-training needs (mask token, token decoder).
+# Pre-training: the backbone, a mask token and a token decoder.
 
 class Pretrainer(nn.Module):
     """A ViT with a pre-training objective: forward(images, tokens) -> (logits, loss).
 
-    tokens (B, N) or (B, G, G): every patch's visual token, raster order. Drawn when None:
-    mim / beit: `mask` (B, N) bool, True = masked, as many in every sample; logits (B, Mm, K),
-      logits[b, j] for the j-th masked patch of sample b in raster order.
-    pim / mapet: `perm` (B, N), a permutation per sample: the first `cut` patches are visible,
-      the M = N - cut others targets; logits (B, M, K), logits[:, t] for patch perm[:, cut + t].
+    tokens (B, N) or (B, G, G): each patch's visual token, raster order. Drawn when None:
+    mim / beit: `mask` (B, N) bool, True = masked, as many per sample; logits (B, Mm, K) for
+      the masked patches in raster order.
+    pim / mapet: `perm` (B, N), patches perm[:, :cut] visible; logits (B, M, K), logits[:, t]
+      for patch perm[:, cut + t].
     drop_draws (B, depth): see DropPath.
     """
 
@@ -380,17 +343,16 @@ class Pretrainer(nn.Module):
         # BEiT masks 75 of 196 patches (~0.4); the same ratio scales to other grids.
         self.num_masked = max(1, min(N - 1, round(mask_ratio * N)))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.norm = nn.LayerNorm(D, eps=1e-6)      # in front of the token classifier
-        self.decoder = nn.Linear(D, vocab_size)    # the softmax classifier of Eq. 1-2
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.decoder = nn.Linear(D, vocab_size)  # the softmax classifier of Eq. 1-2
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        init_weights(self.norm)
         init_weights(self.decoder)
 
     @property
     def two_stream(self):
         return self.objective in ('pim', 'mapet')
 
-    # The random parts of each objective, public so a training loop can draw them itself.
+    # The random parts, public so a training loop can draw them itself.
     def draw_perm(self, batch, device=None):
         return torch.rand(batch, self.num_patches, device=device).argsort(dim=1)
 
@@ -405,7 +367,7 @@ class Pretrainer(nn.Module):
 
     def forward(self, images, tokens, perm=None, mask=None, drop_draws=None):
         B, device = images.shape[0], images.device
-        tokens = self.check_tokens(tokens, B)
+        self.check_tokens(tokens, B)
         if self.two_stream:
             perm = self.draw_perm(B, device) if perm is None else perm
             hidden = self.forward_two_stream(images, perm, drop_draws)
@@ -415,43 +377,40 @@ class Pretrainer(nn.Module):
         return self.forward_loss(hidden, self.targets_for(tokens, perm, mask))
 
     def check_tokens(self, tokens, batch):
-        """tokens (B, N) or (B, G, G) -> (B, N) int64, checked against the grid and vocabulary."""
         tokens = tokens.reshape(tokens.shape[0], -1)
         if tokens.shape != (batch, self.num_patches):
             raise ValueError(f'tokens have shape {tuple(tokens.shape)}, expected ({batch}, '
-                             f'{self.num_patches}): one token per patch of a {self.grid}x'
-                             f'{self.grid} grid; tokenize at the grid the model uses')
+                             f'{self.num_patches}): tokenize at the model\'s {self.grid}x'
+                             f'{self.grid} grid')
         outside = (tokens < 0) | (tokens >= self.vocab_size)
         if not torch.compiler.is_compiling() and outside.any():  # would split a compiled graph
             raise ValueError(f'tokens outside the vocabulary 0..{self.vocab_size - 1} (max '
                              f'{int(tokens.max())}): set vocab_size to the token file\'s')
-        return tokens.long()
 
     def forward_masked(self, images, mask, drop_draws=None):
-        """MIM / BEiT (Fig. 1a): a ViT pass over the corrupted image -> (B, Mm, D) at the masked
-        patches, raster order."""
+        """MIM / BEiT (Fig. 1a): corrupted image -> (B, Mm, D) at the masked patches."""
         counts = mask.sum(dim=1)
         if not (counts == counts[0]).all() or counts[0] == 0:
             raise ValueError('every sample must mask the same, non-zero number of patches')
         bb = self.backbone
-        patches = bb.patch_embed(images)                                          # (B, N, D)
+        patches = bb.patch_embed(images)  # (B, N, D)
         patches = torch.where(mask[..., None], self.mask_token.to(patches.dtype), patches)
-        x = bb.run_blocks(bb.embed(patches), drop_draws)                          # (B, 1+N, D)
+        x = bb.run_blocks(bb.embed(patches), drop_draws)  # (B, 1+N, D)
         return x[:, 1:][mask].view(len(x), -1, x.shape[-1])
 
     def forward_two_stream(self, images, perm, drop_draws=None):
         """PIM / MaPeT (Fig. 2): streams h and g through shared blocks -> g (B, M, D)."""
         bb, cut = self.backbone, self.cut
-        x = bb.embed(bb.patch_embed(images))                                      # (B, 1+N, D)
+        x = bb.embed(bb.patch_embed(images))  # (B, 1+N, D)
         index = perm[..., None].expand(-1, -1, x.shape[-1])
-        patches = x[:, 1:].gather(1, index)                                       # permuted
+        patches = x[:, 1:].gather(1, index)  # permuted
         # gather, not pos_embed[perm]: its backward (scatter-add) is deterministic on a CPU.
         target_pos = bb.pos_embed[:, 1:].expand(len(perm), -1, -1).gather(1, index[:, cut:])
         # Position-aware mask tokens (Sec. 4.1) start g; mapet also appends them to h (Eq. 2).
-        g = self.mask_token + target_pos                                          # (B, M, D)
+        g = self.mask_token + target_pos  # (B, M, D)
         h = torch.cat([x[:, :1], patches] + ([g] if self.objective == 'mapet' else []), dim=1)
         content_mask, query_mask = build_masks(self.objective, self.num_patches, cut, h.device)
-        both_masks = torch.cat([content_mask, query_mask])                        # (L+M, L)
+        both_masks = torch.cat([content_mask, query_mask])  # (L+M, L)
         drops = bb.drops_per_block(len(h), drop_draws, h.device)
         for block, block_drops in zip(bb.blocks[:-1], drops):
             h, g = bb.run_block(block.two_stream, h, g, both_masks, block_drops)
@@ -459,7 +418,7 @@ class Pretrainer(nn.Module):
         return bb.run_block(bb.blocks[-1], g, h, query_mask, drops[-1])
 
     def forward_loss(self, hidden, targets):
-        """Eq. 1-2: hidden (B, M, D) -> (logits (B, M, K), cross-entropy against targets (B, M))."""
+        """Eq. 1-2: hidden (B, M, D) -> (logits (B, M, K), cross-entropy with targets (B, M))."""
         logits = self.decoder(self.norm(hidden))
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
