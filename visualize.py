@@ -2,14 +2,12 @@
 
     python visualize.py masks --objective mapet --num-patches 16 --cut 5   # Fig. 2b-c and Fig. 1
     python visualize.py codebook --tokens runs/tokens/demo                 # Fig. 3-5
-    python visualize.py names --tokens tokens/in1k_rn50 --classes classes.txt   # Fig. 3-5, named
+    python visualize.py names --tokens tokens/in1k_rn50 --classes classes.txt   # Sec. 5.3
     python visualize.py tokens --tokens runs/tokens/demo --index 0 1 2     # token maps
     python visualize.py curves runs/pretrain_*/log.jsonl                   # loss, token accuracy
     python visualize.py predictions --checkpoint runs/pretrain_mapet/ckpt.pt   # Eq. 1-2
 
-masks draws model.build_masks (Fig. 2b-c) and, on an image, what each target's prediction may use
-under MIM, PIM and MaPeT (Fig. 1); names names k-CLIP tokens by CLIP's text encoder (Sec. 5.3).
-Cells are whole pixels, so the tests read the pictures back. Shape letters: N patches, M targets,
+Cells are whole pixels, so the tests read the pictures back. Shapes: N patches, M targets,
 L content length, K vocabulary, C feature width, E CLIP joint width, G grid side, S picture side.
 """
 import argparse
@@ -35,12 +33,12 @@ WHITE, BLACK, GHOST, ALLOWED = (255, 255, 255), (0, 0, 0), (226, 226, 226), (40,
 BLUE, RED, GREEN = (25, 95, 230), (215, 30, 30), (30, 150, 50)
 LINE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 PALETTE = np.random.default_rng(0).integers(40, 256, (2 ** 16, 3)).astype(np.uint8)  # by token id
-TOKEN_CELL = 32                                         # px per token in a token map: a 4-digit id
-font = functools.cache(ImageFont.load_default)          # font(size), Pillow >= 10.1
+TOKEN_CELL = 32  # px per token: room for a 4-digit id
+font = functools.cache(ImageFont.load_default)  # font(size), Pillow >= 10.1
 
 
 def text(lines, big=13, width=0):
-    """Lines on white, the first in a `big` font, the rest in 12; a line: str or (str, colour)."""
+    """Lines on white, the first in a `big` font; a line is str or (str, colour)."""
     lines = [(s, BLACK) if isinstance(s, str) else s for s in lines]
     w = max([width] + [math.ceil(font(big).getlength(s)) + 8 for s, _ in lines])
     img = Image.new('RGB', (w, big + 19 * len(lines)), WHITE)
@@ -50,8 +48,7 @@ def text(lines, big=13, width=0):
 
 
 def stack(images, vertical=False, gap=8):
-    """Images one below another (left-aligned) or side by side (top-aligned), on white."""
-    sizes = [im.size[::-1] if vertical else im.size for im in images]          # (along, across)
+    sizes = [im.size[::-1] if vertical else im.size for im in images]  # (along, across)
     size = (sum(a for a, _ in sizes) + gap * (len(images) - 1), max(b for _, b in sizes))
     out = Image.new('RGB', size[::-1] if vertical else size, WHITE)
     for im, at in zip(images, np.cumsum([0] + [a + gap for a, _ in sizes]).tolist()):
@@ -60,12 +57,11 @@ def stack(images, vertical=False, gap=8):
 
 
 def save(out_dir, name, body, *head):
-    """Write a dict as JSON, or the PIL picture `body` under its title and notes; return path."""
+    """Write a dict as JSON, or a picture under its title and notes; return the path."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
     if isinstance(body, dict):
-        with open(path, 'w') as f:
-            json.dump(body, f, indent=1)
+        pathlib.Path(path).write_text(json.dumps(body, indent=1))
     else:
         ImageOps.expand(stack([text(head, 16), body], True), 16, WHITE).save(path)
     print(path)
@@ -73,20 +69,20 @@ def save(out_dir, name, body, *head):
 
 
 def view_panel(pixels, G, content, framed=(), colours=(), labels=None, width=None):
-    """A G x G grid picture (3, S, S), unseen content faded, `framed` cells framed and labelled."""
+    """A G x G grid picture (3, S, S): unseen content faded, `framed` cells framed."""
     p = pixels.shape[-1] // G
-    seen = content.view(G, G).repeat_interleave(p, 0).repeat_interleave(p, 1)         # (S, S)
+    seen = content.view(G, G).repeat_interleave(p, 0).repeat_interleave(p, 1)  # (S, S)
     img = torch.where(seen, pixels, (pixels.float().mean(0) * 0.12 + 204).byte())
     if len(framed):
-        xy = torch.tensor([[n % G, n // G] for n in framed]) * p                    # top left
+        xy = torch.tensor([[n % G, n // G] for n in framed]) * p  # top left
         img = draw_bounding_boxes(img, torch.cat([xy, xy + p - 1], 1), labels, list(colours),
                                   width=width or max(2, p // 10), label_colors=BLACK)
     return img
 
 
 def token_map(tokens):
-    """A G x G token grid as uint8 (3, S, S), TOKEN_CELL px per token: its id on its colour."""
-    colours = PALETTE[tokens]                                                          # (G, G, 3)
+    """A G x G token grid as (3, S, S) uint8: each token's id on its colour."""
+    colours = PALETTE[tokens]  # (G, G, 3)
     img = Image.fromarray(colours.repeat(TOKEN_CELL, 0).repeat(TOKEN_CELL, 1))
     for (r, c), k in np.ndenumerate(tokens):
         ImageDraw.Draw(img).text(((c + 0.5) * TOKEN_CELL, (r + 0.5) * TOKEN_CELL), str(k),
@@ -96,7 +92,7 @@ def token_map(tokens):
 
 
 def image_at(dataset, index, size, side=None):
-    """(image at the pre-training geometry of `size` px, then `side` px if given, label)."""
+    """(image cropped as for pre-training at `size` px, resized to `side` px, label)."""
     if not 0 <= index < len(dataset):
         raise ValueError(f'no image {index}: pass an --index in 0..{len(dataset) - 1}')
     if (item := dataset[index]) is None:
@@ -105,12 +101,11 @@ def image_at(dataset, index, size, side=None):
     return (image.resize((side, side), Image.NEAREST) if side else image), item[1]  # crisp
 
 
-# masks: the attention masks of Fig. 2b-c, and what each target may see (Fig. 1) on an image.
+# masks: Fig. 2b-c, and Fig. 1 on an image.
 def masks_figure(mask, rows, cols, cell, title, left=86, top=44):
-    """A bool matrix, a cell px square per entry (green: True), named [(name, length)] segments."""
-    R, C = mask.shape
-    tiles = torch.tensor([GHOST, ALLOWED], dtype=torch.uint8)[mask.long()].view(R * C, 3, 1, 1)
-    grid = make_grid(tiles.expand(-1, -1, cell - 1, cell - 1), C, 1, pad_value=255)
+    """A bool matrix, a `cell` px square per entry, in [(name, length)] segments."""
+    tiles = torch.tensor([GHOST, ALLOWED], dtype=torch.uint8)[mask.long()].view(-1, 3, 1, 1)
+    grid = make_grid(tiles.expand(-1, -1, cell - 1, cell - 1), mask.shape[1], 1, pad_value=255)
     right = max(0, math.ceil(font(13).getlength(title)) - grid.shape[-1])
     img = ImageOps.expand(TF.to_pil_image(grid), (left, top, right, 0), WHITE)
     draw = ImageDraw.Draw(img)
@@ -127,11 +122,11 @@ def masks_figure(mask, rows, cols, cell, title, left=86, top=44):
 
 
 def cmd_masks(args):
-    """Fig. 2b-c: the content (L, L) and query (M, L) masks of build_masks; Fig. 1 if N = G * G."""
+    """Fig. 2b-c: the content (L, L) and query (M, L) masks; Fig. 1 if N is square."""
     N, cut, objective = args.num_patches, args.cut, args.objective
     content, query = model.build_masks(objective, N, cut)
     (M, L), tag, G = query.shape, f'N{N}_cut{cut}', math.isqrt(N)
-    cell, tokens = max(3, min(16, 720 // L)), L > 1 + N                 # ~720 px wide
+    cell, tokens = max(3, min(16, 720 // L)), L > 1 + N  # ~720 px wide
     segments = [('CLS', 1), ('visible', cut), ('targets', M)] + [('mask tokens', M)] * tokens
     body = stack([masks_figure(content, segments, segments, cell, f'(b) content stream: {L} x {L}'),
                   masks_figure(query, [('queries', M)], segments, cell,
@@ -151,19 +146,19 @@ def cmd_masks(args):
 
 
 def what_targets_see(objective, perm, cut):
-    """Per target step t, the patches (raster order) whose content, and whose position (a mask
-    token or its query input), target t may use: two (M, N) bools. mim masks the targets."""
-    N = len(perm)
-    M, targets = N - cut, perm[cut:]
+    """(M, N) bools, raster order: the patches whose content, and whose position (a mask token
+    or query input), target t may use."""
+    N, targets = len(perm), perm[cut:]
+    M = N - cut
     content, position = torch.zeros(2, M, N, dtype=torch.bool)
-    if objective == 'mim':  # Fig. 1a: one corrupted input, every mask token in it, for all targets
+    if objective == 'mim':  # Fig. 1a: one corrupted input for all targets
         content[:, perm[:cut]] = True
         position[:, targets] = True
         return content, position
-    _, query = model.build_masks(objective, N, cut)                     # (M, L), permuted layout
-    content[:, perm] = query[:, 1:1 + N]                                # column 1 + j: perm[j]
+    _, query = model.build_masks(objective, N, cut)  # (M, L), permuted layout
+    content[:, perm] = query[:, 1:1 + N]  # column 1 + j: perm[j]
     if objective == 'mapet':
-        position[:, targets] = query[:, 1 + N:]                         # column 1 + N + r: target r
+        position[:, targets] = query[:, 1 + N:]  # column 1 + N + r: target r
     position[torch.arange(M), targets] = True  # the query stream starts from its own position
     return content, position
 
@@ -174,16 +169,16 @@ CAPTIONS = {'mim': 'MIM (Fig. 1a)\ncontent: unmasked patches\npositions: all mas
 
 
 def views_figure(pixels, cut, perm, max_steps=12, left=170):
-    """Fig. 1 on an image (3, S, S): what target t may use, per objective and step; (img, head)."""
+    """Fig. 1 on an image (3, S, S): (picture, *head)."""
     N, S = len(perm), pixels.shape[-1]
     G, M, targets, panels = math.isqrt(N), N - cut, perm[cut:].tolist(), []
     steps = sorted(set(np.linspace(0, M - 1, min(M, max_steps)).round().astype(int).tolist()))
     visible = torch.zeros(N, dtype=torch.bool).index_fill_(0, perm[:cut], True)
-    numbers = [str(r + 1) for r in range(M)]
-    for objective in CAPTIONS:  # first the content stream's input, numbered in permutation order
+    for objective in CAPTIONS:  # first the content stream's input
         content, position = what_targets_see(objective, perm, cut)
-        panels.append(view_panel(pixels, G, visible, targets, [WHITE if objective == 'pim' else
-                                 BLUE] * M, None if objective == 'mim' else numbers))
+        panels.append(view_panel(pixels, G, visible, targets,
+                                 [WHITE if objective == 'pim' else BLUE] * M,
+                                 None if objective == 'mim' else [str(r + 1) for r in range(M)]))
         for t in steps:
             known = [n for n in position[t].nonzero()[:, 0].tolist() if n != targets[t]]
             panels.append(view_panel(pixels, G, content[t], known + [targets[t]],
@@ -205,17 +200,17 @@ def views_figure(pixels, cut, perm, max_steps=12, left=170):
 
 # Token files: codebook patches (Fig. 3-5), token names (Sec. 5.3, App. C), token maps.
 def open_tokens(token_dir, data_root):
-    """(tokens uint16 (n, G, G), meta, dataset) of a tokenizer.py output dir."""
+    """(tokens (n, G, G), meta, dataset) of a tokenizer.py --out dir."""
     if not os.path.isfile(path := os.path.join(token_dir, 'meta.json')):
         raise ValueError(f'{token_dir} holds no meta.json: pass the --out dir of tokenizer.py')
-    with open(path) as f:
-        name, split, grid = map(json.load(f).get, ('dataset', 'split', 'grid'))
+    name, split, grid = map(json.loads(pathlib.Path(path).read_text()).get,
+                            ('dataset', 'split', 'grid'))
     dataset = data.build_dataset(name, split, data_root)
     return *data.load_tokens(token_dir, name, split, len(dataset), grid), dataset
 
 
 def token_counts(tokens, vocab_size, skipped=(), chunk=65536):
-    """How many patches each token labels (K,), unreadable images left out; a memmap in chunks."""
+    """Patches per token (K,), unreadable images left out; in chunks, as tokens is a memmap."""
     keep = np.ones(len(tokens), dtype=bool)
     keep[list(skipped)] = False
     return sum(np.bincount(np.asarray(tokens[i:i + chunk])[keep[i:i + chunk]].ravel(),
@@ -223,29 +218,29 @@ def token_counts(tokens, vocab_size, skipped=(), chunk=65536):
 
 
 def find_examples(tokens, ids, per_token, skipped=(), seed=0, sample=50_000):
-    """{token: [(image, row, col)]}: per_token patches of each, from distinct sampled images."""
+    """{token: [(image, row, col)]}: per_token patches of each, from distinct images."""
     order = np.random.default_rng(seed).permutation(len(tokens))
     order = order[~np.isin(order, list(skipped))][:sample]
     G, found = tokens.shape[1], {}
     block = np.asarray(tokens[order]).reshape(len(order), G * G)
     for k in ids:
         images, positions = np.nonzero(block == k)
-        _, first = np.unique(images, return_index=True)                  # one patch per image
+        _, first = np.unique(images, return_index=True)  # one patch per image
         found[int(k)] = [(int(order[images[i]]), *divmod(int(positions[i]), G))
                          for i in first[:per_token]]
     return found
 
 
 def cmd_codebook(args):
-    """Fig. 3-5: a row per token (id, count; CLIP's name for `names`) of patches labelled so."""
+    """Fig. 3-5: a row of patches per token, with its id, count and (names) CLIP's name."""
     tokens, meta, dataset = open_tokens(args.tokens, args.data_root)
     paths, names = ([], None) if args.command == 'codebook' else name_tokens(args, meta)
     skipped, G, size = meta.get('skipped', ()), meta['grid'], meta['image_size']
     counts = token_counts(tokens, meta['vocab_size'], skipped)
     chosen = [int(k) for k in np.argsort(-counts, kind='stable')[:args.top] if counts[k] > 0]
     examples = find_examples(tokens, chosen, args.per_token, skipped, args.seed)
-    scale = max(1, math.ceil(48 * G / size))                           # demo patches are 4 px: 12x
-    q, rows = size // G * scale, []                                     # px per patch shown
+    scale = max(1, math.ceil(48 * G / size))  # demo's 4 px patches: 12x
+    q, rows = size // G * scale, []  # px per patch shown
     for k in chosen:
         strip = make_grid([TF.pil_to_tensor(image_at(dataset, i, size, size * scale)[0])[
             :, r * q:r * q + q, c * q:c * q + q] for i, r, c in examples[k]], args.per_token, 2,
@@ -264,10 +259,9 @@ PROMPT = 'a photo of a {}.'  # CLIP's basic zero-shot prompt
 
 
 def name_tokens(args, meta):
-    """Zero-shot names of the k-CLIP centroids (layer4 features, Sec. 4.2): [names.json], and
-    [(class, cosine)] of each token's best prompt. The attention pool is c_proj of a convex
-    combination of v_proj(x_i + pos_i): a map all of centroid c embeds to c_proj(v_proj(c)), the
-    positions left out (as in MaskCLIP, Zhou et al. 2022)."""
+    """([names.json], [(class, cosine)]): each k-CLIP centroid's best prompt (Sec. 4.2). The
+    attention pool is c_proj of a convex mix of v_proj(x_i + pos_i), so a map all of centroid c
+    embeds as c_proj(v_proj(c)), positions left out (as in MaskCLIP, Zhou et al. 2022)."""
     file = pathlib.Path(args.classes)
     classes = file.read_text().splitlines() if file.is_file() else args.classes.split(',')
     if not (classes := [c.strip() for c in classes if c.strip()]):
@@ -276,14 +270,14 @@ def name_tokens(args, meta):
     if kind != 'clip':
         raise ValueError(f'{args.tokens} is a {kind} codebook: only CLIP-feature codebooks can be '
                          'named (tokenizer.py --features clip)')
-    clip = clip_model.load(clip_name := args.clip or clip_name)  # offline: a one-line SystemExit
-    codebook = torch.from_numpy(np.load(os.path.join(args.tokens, 'codebook.npy')))       # (K, C)
+    clip = clip_model.load(clip_name := args.clip or clip_name)
+    codebook = torch.from_numpy(np.load(os.path.join(args.tokens, 'codebook.npy')))  # (K, C)
     pool = clip.visual.attnpool
     if codebook.shape[1] != pool.v_proj.in_features:
         raise ValueError(f'{args.tokens} holds {codebook.shape[1]}-dim features, not CLIP '
                          f'{clip_name}\'s: pass --clip the CLIP model the tokenizer used')
     with torch.no_grad():
-        image = pool.c_proj(pool.v_proj(codebook.float()))                               # (K, E)
+        image = pool.c_proj(pool.v_proj(codebook.float()))  # (K, E)
         words = clip.encode_text(clip_model.tokenize([PROMPT.format(c) for c in classes],
                                                      clip.config.context_length, truncate=True))
         score, best = (F.normalize(image, dim=-1) @ F.normalize(words, dim=-1).T).max(dim=1)
@@ -294,13 +288,13 @@ def name_tokens(args, meta):
 
 
 def cmd_tokens(args):
-    """Each image (the tokenizer's crop, its patch grid drawn) beside its token map."""
+    """Each image (the tokenizer's crop) beside its token map."""
     tokens, meta, dataset = open_tokens(args.tokens, args.data_root)
     G, rows = meta['grid'], []
     for i in args.index:
         image, label = image_at(dataset, i, meta['image_size'], G * TOKEN_CELL)
         image = view_panel(TF.pil_to_tensor(image), G, torch.ones(G * G, dtype=torch.bool),
-                           range(G * G), [WHITE] * G * G, width=1)  # the patch grid, as the map's
+                           range(G * G), [WHITE] * G * G, width=1)
         rows.append(stack([text([f'image {i}', dataset.classes[label]], width=110),
                            *map(TF.to_pil_image, (image, token_map(np.asarray(tokens[i]))))]))
     name = os.path.basename(os.path.normpath(args.tokens)) + ''.join(f'_{i}' for i in args.index)
@@ -310,12 +304,11 @@ def cmd_tokens(args):
                  'is fixed by its id, written in it')]
 
 
-# curves: loss and token accuracy against step, from pretrain.py's log.jsonl files.
+# curves: pretrain.py's log.jsonl files.
 def read_log(path):
-    """(steps, 3): step, loss, token accuracy. A resumed run logs the steps after its last
-    checkpoint again: the later line wins. A torn last line (a killed run) is ignored."""
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    """(steps, 3): step, loss, token accuracy. A resumed run logs steps again: the later line
+    wins. A killed run's torn last line is ignored."""
+    lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
     records = {}
     for n, line in enumerate(lines, 1):
         try:
@@ -324,24 +317,24 @@ def read_log(path):
         except (ValueError, KeyError, TypeError):
             if n < len(lines):
                 raise ValueError(f'{path} line {n} is not a pretrain.py log line: pass a '
-                                 'pretrain.py log.jsonl') from None
+                                 'pretrain.py log.jsonl')
     if not records:
         raise ValueError(f'{path} holds no log lines yet: pass the log of a run that has logged')
     return np.array([records[s] for s in sorted(records)])
 
 
 def line_chart(series, title, W=620, H=400, left=64, top=32, bottom=44):
-    """One panel: [(colour, xs, ys)] as lines, a dot on each last point, on axes with ticks."""
+    """[(colour, xs, ys)] as lines, a dot on each last point."""
     (x0, x1), (y0, y1) = [(v.min(), v.max() + (v.max() == v.min())) for v in map(
         np.concatenate, zip(*[(x, y) for _, x, y in series]))]
 
-    def at(x, y):                                                       # data -> pixels
+    def at(x, y):  # data -> pixels
         return (left + (x - x0) / (x1 - x0) * (W - left - 18),
                 H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
     draw = ImageDraw.Draw(img := Image.new('RGB', (W, H), WHITE))
     draw.text((W / 2, 6), title, BLACK, font(14), anchor='ma')
     for x, y in zip(np.linspace(x0, x1, 6).round(), np.linspace(y0, y1, 6)):
-        (u, _), (_, v) = at(x, y0), at(x0, y)                           # whole steps on x
+        (u, _), (_, v) = at(x, y0), at(x0, y)  # whole steps on x
         draw.line((u, top, u, H - bottom + 4), GHOST)
         draw.text((u, H - bottom + 7), f'{x:,.0f}', BLACK, font(11), anchor='ma')
         draw.line((left - 4, v, W - 18, v), GHOST)
@@ -356,8 +349,7 @@ def line_chart(series, title, W=620, H=400, left=64, top=32, bottom=44):
 
 
 def cmd_curves(args):
-    """Two panels, loss and token accuracy against step, a coloured line per run."""
-    runs = [read_log(path) for path in args.logs]                           # (steps, 3) each
+    runs = [read_log(path) for path in args.logs]  # (steps, 3) each
     labels = (args.labels.split(',') if args.labels else
               [os.path.basename(os.path.dirname(os.path.abspath(path))) for path in args.logs])
     if len(labels) != len(runs):
@@ -372,9 +364,8 @@ def cmd_curves(args):
                  'masked patches (mim, beit) or the M = N - cut targets (pim, mapet)', *finals)]
 
 
-# predictions: a pre-trained model predicting the tokens of one image's targets (Eq. 1-2).
+# predictions: the tokens a pre-trained model predicts for one image's targets (Eq. 1-2).
 def load_pretrainer(path):
-    """The Pretrainer (eval mode) and the checkpoint of a pretrain.py ckpt.pt."""
     ckpt = training.load_checkpoint(path)
     if not {'model', 'config', 'args', 'tokens'} <= set(ckpt):
         raise ValueError(f'{path} is not a pretrain.py ckpt.pt: pass <run>/ckpt.pt')
@@ -383,47 +374,48 @@ def load_pretrainer(path):
                            vocab_size=ckpt['tokens']['vocab_size'], mask_ratio=a['mask_ratio'])
     try:
         pre.load_state_dict(ckpt['model'])
-    except RuntimeError as e:  # e.g. a checkpoint of an older model.py
-        raise ValueError(f'{path} does not fit its config: {str(e).splitlines()[0]}') from None
+    except RuntimeError as e:  # e.g. of an older model.py
+        raise ValueError(f'{path} does not fit its config: {str(e).splitlines()[0]}')
     return pre.eval(), ckpt
 
 
 def predict(pre, image, tokens, seed):
-    """One image's targets [dict(step, patch, true, pred, prob)] in prediction order, the
-    permutation (pim, mapet) or mask (mim, beit) drawn from `seed`."""
+    """[dict(step, patch, true, pred, prob)] per target, in prediction order."""
     N, g = pre.num_patches, torch.Generator().manual_seed(seed)
     tokens = torch.as_tensor(tokens).reshape(1, N)
     if pre.two_stream:
-        perm = torch.randperm(N, generator=g)[None]                                    # (1, N)
+        perm = torch.randperm(N, generator=g)[None]  # (1, N)
         kw, order = {'perm': perm}, perm[0, pre.cut:]
     else:
         mask = (model.block_mask(pre.grid, pre.num_masked, generator=g)[None] if pre.objective ==
-                'beit' else model.random_mask(1, N, pre.num_masked, generator=g))      # (1, N)
+                'beit' else model.random_mask(1, N, pre.num_masked, generator=g))  # (1, N)
         kw, order = {'mask': mask}, mask[0].nonzero()[:, 0]
     with torch.no_grad():
-        prob = pre(image[None], tokens, **kw)[0][0].softmax(-1)                         # (M, K)
+        prob = pre(image[None], tokens, **kw)[0][0].softmax(-1)  # (M, K)
     return [dict(step=t + 1, patch=n, true=int(tokens[0, n]), pred=int(p.argmax()),
                  prob=float(p.max())) for t, (n, p) in enumerate(zip(order.tolist(), prob))]
 
 
 def cmd_predictions(args):
-    """The image, its targets numbered by step, beside its tokens and the model's predictions."""
+    """The image with its targets numbered, its tokens, the model's predictions."""
     pre, ckpt = load_pretrainer(args.checkpoint)
     run, G, stem = ckpt['args'], pre.grid, f'predictions_{pre.objective}_{args.index}'
     dataset = data.build_dataset(run['data'], 'train', args.data_root or run['data_root'])
+    image = image_at(dataset, args.index, pre.backbone.patch_embed.img_size)[0]
     tokens = data.load_tokens(ckpt['tokens']['dir'], run['data'], 'train', len(dataset), G,
                               ckpt['tokens']['vocab_size'])[0][args.index].astype(np.int64)
-    image = image_at(dataset, args.index, pre.backbone.patch_embed.img_size)[0]
     x = TF.normalize(TF.to_tensor(image), data.IMAGENET_MEAN, data.IMAGENET_STD)  # no jitter
     records = predict(pre, x, tokens, args.seed)
     targets, right = [r['patch'] for r in records], [r['true'] == r['pred'] for r in records]
-    visible = torch.ones(G * G, dtype=torch.bool).index_fill_(0, torch.tensor(targets), False)
+    everywhere = torch.ones(G * G, dtype=torch.bool)
+    visible = everywhere.index_fill(0, torch.tensor(targets), False)
     predicted = tokens.copy()
     predicted.flat[targets] = [r['pred'] for r in records]
     photo = TF.pil_to_tensor(image.resize((G * TOKEN_CELL,) * 2, Image.NEAREST))
-    panels = [view_panel(photo, G, torch.ones(G * G, dtype=torch.bool), targets, [BLUE] * len(
-        targets), [str(r['step']) for r in records]), token_map(tokens), view_panel(
-        token_map(predicted), G, ~visible, targets, [GREEN if ok else RED for ok in right])]
+    panels = [view_panel(photo, G, everywhere, targets, [BLUE] * len(targets),
+                         [str(r['step']) for r in records]), token_map(tokens),
+              view_panel(token_map(predicted), G, ~visible, targets,
+                         [GREEN if ok else RED for ok in right])]
     how = (f'after the first cut = {pre.cut} of the permutation, in its order' if pre.two_stream
            else 'the masked patches, in raster order')
     return [save(args.out, stem + '.json', {'objective': pre.objective, 'targets': records,
@@ -436,22 +428,20 @@ def cmd_predictions(args):
                  ('red frame: wrong', RED))]
 
 
-# The command.
 def get_args_parser():
     p = argparse.ArgumentParser('visualize.py', description='Pictures of Fig. 1-5 and of runs.')
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument('--out', default='runs/pictures', help='[runs/pictures]')
     root = argparse.ArgumentParser(add_help=False, parents=[out])
-    root.add_argument('--data-root', default='data', help='torchvision datasets\' root [data]')
+    root.add_argument('--data-root', default='data', help='datasets\' root [data]')
     tok = argparse.ArgumentParser(add_help=False, parents=[root])
     tok.add_argument('--tokens', required=True, help='a tokenizer.py --out dir')
     sub = p.add_subparsers(dest='command', required=True)
 
     s = sub.add_parser('masks', parents=[root], help='Fig. 2b-c masks; Fig. 1 on an image')
     s.add_argument('--objective', default='mapet', choices=('pim', 'mapet'), help='[mapet]')
-    s.add_argument('--num-patches', type=int, default=16, help='N, square: Fig. 1 too; paper: 196 '
-                   '[16]')
-    s.add_argument('--cut', type=int, default=5, help='visible patches, paper: c - 1 = 59 [5]')
+    s.add_argument('--num-patches', type=int, default=16, help='N, square: Fig. 1; paper 196 [16]')
+    s.add_argument('--cut', type=int, default=5, help='visible patches; paper c - 1 = 59 [5]')
     s.add_argument('--data', default='demo', help='dataset of the Fig. 1 image [demo]')
     s.add_argument('--index', type=int, default=0, help='the Fig. 1 image, train split [0]')
     s.add_argument('--seed', type=int, default=0, help='seeds its permutation [0]')
@@ -459,7 +449,7 @@ def get_args_parser():
     for name, top, about in (('codebook', 16, ''), ('names', 12, ', named by CLIP zero-shot')):
         s = sub.add_parser(name, parents=[tok], help=f'Fig. 3-5: patches per token{about}')
         s.add_argument('--top', type=int, default=top, help=f'most used tokens shown [{top}]')
-        s.add_argument('--per-token', type=int, default=12, help='patches per token [12]')
+        s.add_argument('--per-token', type=int, default=12, help='[12]')
         s.add_argument('--seed', type=int, default=0, help='seeds the images sampled [0]')
     s.add_argument('--classes', required=True, help='dog,cat,car or a file of names, one a line')
     s.add_argument('--clip', help='CLIP name or file [the tokens\']; paper: RN50x64')
@@ -475,7 +465,7 @@ def get_args_parser():
     s.add_argument('--checkpoint', required=True, help='ckpt.pt of a pretrain.py run')
     s.add_argument('--index', type=int, default=0, help='image of the train split [0]')
     s.add_argument('--seed', type=int, default=0, help='seeds the permutation or mask [0]')
-    s.add_argument('--data-root', help='torchvision datasets\' root [the run\'s]')
+    s.add_argument('--data-root', help='datasets\' root [the run\'s]')
     return p
 
 
@@ -484,14 +474,13 @@ COMMANDS = {'masks': cmd_masks, 'codebook': cmd_codebook, 'names': cmd_codebook,
 
 
 def main(argv=None):
-    """Run one subcommand; returns the paths it wrote."""
     args = get_args_parser().parse_args(argv)
     training.print_run(args)
     try:
         if min(getattr(args, 'top', 1), getattr(args, 'per_token', 1)) < 1:
             raise ValueError('--top and --per-token must be at least 1')
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:  # bad input, a missing or unreadable file: one line
+    except (ValueError, OSError) as e:  # bad input or files: one line
         raise SystemExit(f'visualize.py {args.command}: {e}') from None
 
 

@@ -340,6 +340,13 @@ def test_predictions_are_the_models(checkpoints, objective, tmp_path):
     check_predictions(checkpoints[objective], tmp_path)
 
 
+def test_predictions_bad_index_says_so_in_one_line(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match='no image 5000: pass an --index in 0') as e:
+        visualize.main(['predictions', '--checkpoint', checkpoints['mim'], '--index', '5000',
+                        '--out', str(tmp_path)])
+    assert '\n' not in str(e.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('run', ['run_a', 'run_b'])
 def test_pictures_of_real_runs(runs, run, tmp_path):
