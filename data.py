@@ -9,7 +9,7 @@ tokens", so the tokenizer and pre-training cut images with the one pretrain_geom
     tokens, meta = data.load_tokens('runs/tok_train', 'demo', 'train', len(ds), grid=8)
     pairs = data.TokenizedDataset(ds, tokens, meta['skipped'])  # (image, tokens [G*G] int64)
 
-Unreadable images come back as None (warned once per path) and collate_skip drops them. A user
+Unreadable images come back as None (warned once per path); collate_skip drops them. A user
 mistake (unknown name, missing folder, no network, wrong token file) is a one-line ValueError.
 """
 import contextlib
@@ -29,9 +29,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SPLITS = ('train', 'val')
 
+
 def pretrain_geometry(size):
-    """Short side to `size` (bicubic), centre `size` crop (Sec. 5.1). The tokenizer calls it at
-    32*G px (CLIP's stride), pre-training at patch*G px: token (i, j) describes patch (i, j)."""
+    """Short side to `size`, centre crop (Sec. 5.1); the tokenizer cuts at 32*G px (CLIP's
+    stride), pre-training at patch*G px: token (i, j) describes patch (i, j)."""
     return transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.CenterCrop(size),
@@ -39,7 +40,7 @@ def pretrain_geometry(size):
 
 
 def eval_transform(img_size, eval_crop):
-    """Short side to img_size / eval_crop (BEiT: 224/256 = 0.875), centre crop, normalised."""
+    """BEiT's eval_crop: 224/256 = 0.875."""
     return transforms.Compose([
         transforms.Resize(int(img_size / eval_crop),
                           interpolation=transforms.InterpolationMode.BICUBIC),
@@ -52,7 +53,7 @@ def eval_transform(img_size, eval_crop):
 # Fine-tuning and probing crops: the paper's (BEiT / timm), the demo's (8 % of 32 px: no shape)
 PAPER_CROPS = dict(crop_scale=0.08, eval_crop=0.875)
 DEMO_CROPS = dict(crop_scale=0.35, eval_crop=1.0)
-DEMO_TOKENS = os.path.join('runs', 'tokens', 'demo')   # made by tokenizer.py on the first demo run
+DEMO_TOKENS = os.path.join('runs', 'tokens', 'demo')  # made by tokenizer.py on the first demo run
 
 
 # ------------------------------
@@ -62,18 +63,18 @@ DEMO_CLASSES = ('disc', 'ring', 'square', 'diamond', 'triangle', 'cross', 'strip
                 'checkerboard', 'two_blobs', 'crescent')
 DEMO_SIZES = {'train': 5000, 'val': 1000}
 _DEMO_PX = 32
-_Y, _X = (np.mgrid[0:_DEMO_PX, 0:_DEMO_PX] + 0.5).astype(np.float32)   # pixel centres
+_Y, _X = (np.mgrid[0:_DEMO_PX, 0:_DEMO_PX] + 0.5).astype(np.float32)  # pixel centres
 _demo_cache = {}
 
 
 def _shape_sdf(label, rng, u, v, r):
-    """Signed distance (px, < 0 inside) of shape `label` (DEMO_CLASSES) at (u, v) off centre."""
+    """Signed distance (px, < 0 inside) of shape `label` at (u, v) off centre."""
     rho, au, av = np.hypot(u, v), np.abs(u), np.abs(v)
     if label == 0:
         return rho - r
     if label == 1:
         return np.abs(rho - 0.8 * r) - rng.uniform(1.2, 2.2)
-    if label in (2, 3):                             # the same box, turned 0 / 45 degrees
+    if label in (2, 3):  # the same box, turned 0 / 45 degrees
         t = rng.uniform(-0.25, 0.25) + (np.pi / 4 if label == 3 else 0.0)
         a, b = u * np.cos(t) + v * np.sin(t), v * np.cos(t) - u * np.sin(t)
         return np.maximum(np.abs(a), np.abs(b)) - 0.75 * r
@@ -100,13 +101,12 @@ def _shape_sdf(label, rng, u, v, r):
 
 
 def render_demo_image(split, index, seed=0):
-    """uint8 [32, 32, 3] and label index % 10; colours, background, noise, place, size and turn
-    are random: only the shape tells the classes apart."""
+    """uint8 [32, 32, 3] and label index % 10; all but the shape is random."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     label = index % len(DEMO_CLASSES)
     bg = rng.uniform(0, 1, 3).astype(np.float32)
     fg = rng.uniform(0, 1, 3).astype(np.float32)
-    if np.abs(fg - bg).max() < 0.4:                 # keep the shape visible
+    if np.abs(fg - bg).max() < 0.4:  # keep the shape visible
         fg = np.where(bg > 0.5, bg - rng.uniform(0.4, 0.5, 3), bg + rng.uniform(0.4, 0.5, 3))
     g, w = rng.normal(size=2), rng.uniform(-1, 1, 2)
     ramp = (g[0] * (_X - 16) + g[1] * (_Y - 16)) / 32
@@ -116,21 +116,19 @@ def render_demo_image(split, index, seed=0):
     r = rng.uniform(6.0, 10.0)
     cx, cy = rng.uniform(r * 0.8 + 1, _DEMO_PX - r * 0.8 - 1, 2)
     sdf = _shape_sdf(label, rng, _X - cx, _Y - cy, r)
-    alpha = np.clip(0.5 - sdf, 0, 1)[..., None]     # 1 px anti-aliased edge
+    alpha = np.clip(0.5 - sdf, 0, 1)[..., None]  # 1 px anti-aliased edge
     noise = rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0, 0.06)
     img = img * (1 - alpha) + fg * alpha + noise
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
 
 class DemoDataset(Dataset):
-    """5,000 train / 1,000 val 32 px images of 10 shapes, rendered once per process (15 MB)."""
+    """Rendered once per process (15 MB)."""
 
     classes = list(DEMO_CLASSES)
 
     def __init__(self, split, seed=0, transform=None):
-        if split not in SPLITS:
-            raise ValueError(f'unknown split {split!r} for demo: use one of {SPLITS}')
-        self.split, self.seed, self.transform = split, seed, transform
+        self.transform = transform
         if (split, seed) not in _demo_cache:
             images, labels = zip(*(render_demo_image(split, i, seed)
                                    for i in range(DEMO_SIZES[split])))
@@ -152,8 +150,8 @@ _warned_paths = set()
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's, but an unreadable file gives None (listed in .skipped), not an exception
-    that kills a long run for one bad JPEG."""
+    """An unreadable file gives None (listed in .skipped), not an exception that kills a long run
+    for one bad JPEG."""
 
     def __init__(self, root, transform=None):
         super().__init__(root, transform=transform)
@@ -162,8 +160,8 @@ class ImageFolder(datasets.ImageFolder):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            img = self.loader(path)                 # convert('RGB') decodes fully
-        except (OSError, SyntaxError) as e:         # truncated / not an image / broken PNG
+            img = self.loader(path)  # convert('RGB') decodes fully
+        except (OSError, SyntaxError) as e:  # truncated / not an image / broken PNG
             self.skipped.add(i)
             if path not in _warned_paths:
                 _warned_paths.add(path)
@@ -187,7 +185,6 @@ TORCHVISION_DATASETS = {
 
 
 def build_dataset(name, split, root='data', transform=None):
-    """The (image, label) dataset `name`, split 'train' or 'val'."""
     if split not in SPLITS:
         raise ValueError(f'unknown split {split!r}: use one of {SPLITS}')
     if name == 'demo':
@@ -197,7 +194,7 @@ def build_dataset(name, split, root='data', transform=None):
         download = name != 'stanford_cars'
         try:
             return ctor(root, **split_args[split], transform=transform, download=download)
-        except Exception as e:  # offline, a dead URL, a half-downloaded archive
+        except Exception as e:  # offline, a dead URL, a torn archive
             cause, where = (str(e).strip().splitlines() or [''])[0], os.path.join(root, folder)
             how = ('download it by hand (e.g. from Kaggle) and unpack it' if not download else
                    'on a machine with internet run `python -c "import torchvision; torchvision.'
@@ -229,7 +226,7 @@ def dataset_id(name):
 
 
 def seed_for(*keys):
-    """A 64-bit seed, a pure function of the integer keys."""
+    """A 64-bit seed, a pure function of the keys."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
 
 
@@ -242,8 +239,8 @@ def keyed(*keys):
 
 
 def per_sample(draw, epochs, indices, seed, key):
-    """torch.cat of each sample's draw(1) under keyed(seed, epoch, index, key), whatever its batch
-    (key 1: permutation or mask, 2: drop path)."""
+    """torch.cat of each sample's draw(1) under keyed(seed, epoch, index, key), whatever its
+    batch."""
     rows = []
     for epoch, i in zip(epochs.tolist(), indices.tolist()):
         with keyed(seed, epoch, i, key):
@@ -284,7 +281,7 @@ class SeededSet(Dataset):
 
 
 class KeyedSet(SeededSet):
-    """(epoch, index, *item): the step draws the sample's other randomness from it (per_sample)."""
+    """(epoch, index, *item): the step draws the sample's other randomness (per_sample)."""
 
     def __getitem__(self, key):
         item = super().__getitem__(key)
@@ -294,9 +291,8 @@ class KeyedSet(SeededSet):
 # ------------------------------
 # Wrappers and the collate function every DataLoader uses.
 
-
 def collate_skip(batch):
-    """default_collate without the unreadable samples (None); None if none is left."""
+    """Without the unreadable samples (None); None if none is left."""
     batch = [b for b in batch if b is not None]
     return default_collate(batch) if batch else None
 
@@ -340,7 +336,7 @@ class TokenizedDataset(Dataset):
 
 
 def write_tokens(out_dir, tokens, codebook, meta):
-    """The three files, each via a temporary name: a kill never leaves a torn file."""
+    """Each via a temporary name: a kill never leaves a torn file."""
     os.makedirs(out_dir, exist_ok=True)
     for name, write in (('tokens.npy', lambda f: np.save(f, tokens.astype(np.uint16))),
                         ('codebook.npy', lambda f: np.save(f, codebook.astype(np.float32))),
@@ -351,23 +347,19 @@ def write_tokens(out_dir, tokens, codebook, meta):
         os.replace(path + '.tmp', path)
 
 
-def tokenizer_command(dataset, split, grid, features, patch, out):
-    """The tokenizer.py command that makes the tokens a run of these settings reads."""
-    pixels = ' --features pixels' + (f' --patch {patch}' if patch else '')
-    return (f'python tokenizer.py --data {dataset} --split {split} --grid {grid}'
-            f'{pixels if features == "pixels" else ""} --out {out}')
-
-
 def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=None, patch=None):
-    """The memory-mapped uint16 [images, G, G] tokens and meta.json, checked against this run
-    (pixel tokens must be cut at the ViT's `patch`)."""
+    """Memory-mapped tokens and meta.json, checked against this run (pixel tokens must be cut at
+    the ViT's `patch`)."""
     npy, js = (os.path.join(token_dir, f) for f in ('tokens.npy', 'meta.json'))
 
-    def fix(meta, out=token_dir):  # built from this run's settings: pasted, it makes the run pass
-        features = meta.get('features', 'pixels' if dataset_name == 'demo' else 'clip')
-        command = (tokenizer_command(dataset_name, split, grid, features, patch, out)
-                   if split == 'train' else f'python tokenizer.py --data {dataset_name} --split '
-                   f"{split} --out {out} --codebook <the train split's token dir>")
+    def fix(meta, out=token_dir):  # from this run's settings: pasted, it makes the run pass
+        command = f'python tokenizer.py --data {dataset_name} --split {split}'
+        if split != 'train':
+            command += f" --out {out} --codebook <the train split's token dir>"
+        else:
+            features = meta.get('features', 'pixels' if dataset_name == 'demo' else 'clip')
+            pixels = ' --features pixels' + (f' --patch {patch}' if patch else '')
+            command += f' --grid {grid}{pixels if features == "pixels" else ""} --out {out}'
         return f'run `{command}`' + ('' if out == token_dir else f' and pass {out}')
     for path in (npy, js):
         if not os.path.isfile(path):
@@ -377,7 +369,7 @@ def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=Non
             meta = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f'{js} is not valid JSON ({e}): {fix({})}') from None
-    other = os.path.normpath(token_dir) + '_' + (  # a new dir: never overwrite the user's
+    other = os.path.normpath(token_dir) + '_' + (  # never overwrite the user's
         split if meta.get('split') != split else f'grid{grid}' if meta.get('grid') != grid else
         os.path.basename(os.path.normpath(dataset_name)))
     for what, ours in (('dataset', dataset_id(dataset_name)), ('split', split),
@@ -387,12 +379,12 @@ def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=Non
                              f'run uses {ours!r}: {fix(meta, other)}')
     try:
         tokens = np.load(npy, mmap_mode='r')
-    except (ValueError, OSError) as e:  # e.g. truncated: "mmap length is greater than file size"
+    except (ValueError, OSError) as e:  # e.g. truncated
         raise ValueError(f'{npy} is damaged ({e}): {fix(meta)}') from None
     if tokens.dtype != np.uint16 or tokens.shape != (num_images, grid, grid):
         raise ValueError(f'{npy} holds {tokens.dtype} {tokens.shape}, meta.json says uint16 '
                          f'{(num_images, grid, grid)}: the file is damaged, {fix(meta)}')
-    if tokens.size and int(tokens.max()) >= meta.get('vocab_size', 0):  # one pass over the file
+    if tokens.size and int(tokens.max()) >= meta.get('vocab_size', 0):
         raise ValueError(f'{npy} holds token {int(tokens.max())}, outside the vocabulary of '
                          f'{meta.get("vocab_size")} in {js}: {fix(meta)}')
     return tokens, meta

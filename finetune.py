@@ -1,8 +1,8 @@
 """Fine-tune a pre-trained ViT for image classification with the paper's recipe.
 
 Paper: Sec. 5.1 (average-pooled final patch tokens feed a softmax classifier), Tab. 1-3 (top-1 on
-ImageNet-1k; Tab. 2's "ViT" row: --checkpoint none), App. D and Tab. 8 (the recipe: SIZES and
-PAPER below, no gradient clipping), App. A (food101, stanford_cars, fgvc_aircraft).
+ImageNet-1k), App. D and Tab. 8 (the recipe: SIZES and PAPER below, no gradient clipping), App. A
+(food101, stanford_cars, fgvc_aircraft).
 
     python finetune.py --checkpoint runs/pretrain_mapet/backbone.pt   # demo: ~4 min on 2 CPUs
     python finetune.py --checkpoint none                              # from scratch (Tab. 2 "ViT")
@@ -10,12 +10,11 @@ PAPER below, no gradient clipping), App. A (food101, stanford_cars, fgvc_aircraf
     torchrun --nproc_per_node=8 finetune.py --checkpoint runs/pretrain_mapet_base/backbone.pt \\
         --data /path/imagenet --accum 2         # ViT-B: 100 epochs, batch 1024 = 8 GPUs x 2 x 64
 
-Writes to --out: ckpt.pt (every epoch, atomically; --resume continues it exactly), classifier.pt
-(timm's layout: classifier.json says how it loads strictly), log.jsonl, args.json; a --results line.
+Writes to --out: ckpt.pt (every epoch; --resume continues it exactly), classifier.pt (timm's
+layout: classifier.json says how it loads strictly), log.jsonl, args.json; a --results line.
 
-A sample's augmentations (key 0) and drop path (key 2) come from data.seed_for(--seed, epoch,
-index, key), as in pretrain.py; mixup / cutmix mix a micro-batch, drawn from (--seed, step, rank,
-micro-batch): 2 processes == 1 and --accum hold up to mixup, a resume exactly.
+Augmentations and drop path are drawn per sample as in pretrain.py; mixup / cutmix per micro-batch
+from (--seed, step, rank, micro-batch): 2 processes == 1 and --accum hold up to mixup.
 """
 import argparse
 import json
@@ -34,15 +33,15 @@ import model
 import training
 from training import print0
 
-# Tab. 8 per size: peak lr at batch 1024, epochs, layer-wise lr decay; micro: the demo's, tuned
+# Tab. 8 per size: peak lr at batch 1024, epochs, layer-wise lr decay; micro: the demo's
 SIZES = {
     'micro': dict(lr=1.6e-2, epochs=4, layer_decay=0.75),
     'tiny': dict(lr=2.5e-4, epochs=300, layer_decay=1.0),
     'small': dict(lr=5e-3, epochs=200, layer_decay=0.65),
     'base': dict(lr=5e-4, epochs=100, layer_decay=0.65),
 }
-# The defaults --data selects: Tab. 8's, or the demo's, whose few epochs the augmentations keep at
-# chance (measured: 10-12% top-1 after 2 epochs with them, 14% without).
+# The defaults --data selects: Tab. 8's, or the demo's, without the augmentations that keep its
+# few epochs at chance (measured: 10-12% top-1 after 2 epochs with them, 14% without).
 PAPER = dict(batch_size=1024, warmup_epochs=20, workers=training.default_workers(),
              **data.PAPER_CROPS, randaug=9, reprob=0.25, mixup=0.8, cutmix=1.0)
 DEMO = dict(batch_size=128, warmup_epochs=0.5, workers=0, **data.DEMO_CROPS, randaug=0, reprob=0,
@@ -66,8 +65,8 @@ def get_args_parser():
     def default(key):
         return f'[paper: {PAPER[key]}; demo: {DEMO[key]}]'
     g = p.add_argument_group('model')
-    g.add_argument('--checkpoint', required=True, help='backbone.pt or ckpt.pt, or "none" (a '
-                   'random init, Tab. 2\'s "ViT" row)')
+    g.add_argument('--checkpoint', required=True, help='backbone.pt, ckpt.pt or "none" (random '
+                   'init, Tab. 2\'s "ViT" row)')
     g.add_argument('--model', choices=list(model.MODEL_CONFIGS), help='ViT size [the checkpoint\'s'
                    '; none: base, demo: micro]')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth [paper: 0.1]')
@@ -86,31 +85,31 @@ def get_args_parser():
     g.add_argument('--cutmix', type=float, help=f'cutmix Beta alpha; 0 = off {default("cutmix")}')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing [paper: 0.1]')
     g = p.add_argument_group('optimisation (Tab. 8)')
-    g.add_argument('--epochs', type=int, help=f'epochs {per_size("epochs")}')
+    g.add_argument('--epochs', type=int, help=per_size('epochs'))
     g.add_argument('--batch-size', type=int, help=f'global batch {default("batch_size")}')
-    g.add_argument('--accum', type=int, default=1, help='gradient accumulation steps [1]')
+    g.add_argument('--accum', type=int, default=1, help='micro-batches per step [1]')
     g.add_argument('--lr', type=float, help=f'peak lr at batch 1024, scaled {per_size("lr")}')
     g.add_argument('--layer-decay', type=float, help=f'lr decay/layer {per_size("layer_decay")}')
     g.add_argument('--min-lr', type=float, default=1e-6, help='lr at the end of the cosine [1e-6]')
     g.add_argument('--warmup-epochs', type=float, help='linear warmup from 1e-6, per step '
                    f'{default("warmup_epochs")}')
     g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW [paper: 0.05]')
-    g.add_argument('--dtype', default='auto', choices=('auto', 'bfloat16', 'float16', 'float32'),
+    g.add_argument('--dtype', default='auto', choices=('auto', *training.DTYPES),
                    help='auto: bfloat16 on Ampere+, float16 on older GPUs, float32 on CPU')
     g = p.add_argument_group('run')
     g.add_argument('--out', help='output directory [runs/finetune_<run>[_<dataset>]]')
     g.add_argument('--resume', action='store_true', help='continue the run in --out, exactly')
-    g.add_argument('--eval-only', action='store_true', help='evaluate a ckpt.pt of this script')
-    g.add_argument('--seed', type=int, default=0, help='seeds the init, data order, draws [0]')
+    g.add_argument('--eval-only', action='store_true', help='evaluate a ckpt.pt of finetune.py')
+    g.add_argument('--seed', type=int, default=0, help='init, data order, draws [0]')
     g.add_argument('--steps', type=int, help='stop at this step; the schedule spans --epochs')
     g.add_argument('--results', default=os.path.join('runs', 'results.jsonl'),
-                   help='JSON-lines file of results [runs/results.jsonl]')
+                   help='JSON-lines file [runs/results.jsonl]')
     g.add_argument('--device', help='cuda | cpu | cuda:N [cuda if available]')
     return p
 
 
 def resolve_args(args):
-    """The defaults --data selects (the size's: resolve_size), checked; raises ValueError."""
+    """The defaults --data selects (the size's: resolve_size), checked."""
     for key, value in (DEMO if args.data == 'demo' else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -129,8 +128,8 @@ def resolve_args(args):
 def resolve_size(args, size):
     """Tab. 8's defaults for `size` (--data demo: the demo's epochs); the line that says so."""
     args.model, demo = size, args.data == 'demo' and size != 'micro'
-    for key, value in dict(SIZES[size], **(dict(epochs=SIZES['micro']['epochs']) if demo else {})
-                           ).items():
+    defaults = dict(SIZES[size], epochs=SIZES['micro' if demo else size]['epochs'])
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     where = "the demo's" if size == 'micro' else f'Tab. 8 for ViT-{size[0].upper()}'
@@ -155,7 +154,7 @@ class RandAugment(transforms.RandAugment):
     @property
     def magnitude(self):
         m = self.mean if self.std == 0 else float(torch.normal(self.mean, self.std, ()))
-        return round(10 * min(10.0, max(0.0, m)))          # bin 0..100
+        return round(10 * min(10.0, max(0.0, m)))  # bin 0..100
 
     @magnitude.setter
     def magnitude(self, value):
@@ -175,8 +174,8 @@ def train_transform(img_size, args):
 
 
 def batch_mixer(args, num_classes):
-    """(images, labels) -> (images, smoothed soft targets (B, C)); with mixup and cutmix on, each
-    batch takes one at even odds (timm's switch_prob 0.5)."""
+    """(images, labels) -> (images, smoothed soft targets (B, C)); with both mixup and cutmix on,
+    each batch takes one at even odds (timm's switch_prob 0.5)."""
     mixes = [mix(alpha=alpha, num_classes=num_classes)
              for mix, alpha in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if alpha > 0]
     mix = v2.RandomChoice(mixes) if mixes else (
@@ -191,9 +190,7 @@ def batch_mixer(args, num_classes):
 # ------------------------------
 # The model: the pre-trained backbone + a new fc_norm and head (Sec. 5.1), layer-wise lr decay.
 
-
 def build_classifier(args, num_classes):
-    """(ViT with a `num_classes` head and --checkpoint's weights, report)."""
     if args.checkpoint == 'none':
         recipe = resolve_size(args, args.model or ('micro' if args.data == 'demo' else 'base'))
         vit = model.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
@@ -212,8 +209,8 @@ def build_classifier(args, num_classes):
 
 
 def layer_decay_groups(vit, weight_decay, layer_decay):
-    """BEiT's layer-wise decay: AdamW groups at lr scale decay ** (depth + 1 - layer), layer 0 the
-    embeddings, i + 1 block i, depth + 1 fc_norm and head."""
+    """BEiT's: lr scale decay ** (depth + 1 - layer); layer 0 the embeddings, i + 1 block i, depth
+    + 1 fc_norm and head."""
     depth = len(vit.blocks)
 
     def layer(name):
@@ -224,7 +221,6 @@ def layer_decay_groups(vit, weight_decay, layer_decay):
 
 
 def timm_call(vit):
-    """The timm call that the exported state dict loads into strictly."""
     c, size = vit.config, training.size_name(vit.config)
     common = f"global_pool='avg', init_values={c['layer_scale']}, num_classes={c['num_classes']}"
     if size in ('tiny', 'small', 'base'):
@@ -234,7 +230,7 @@ def timm_call(vit):
 
 
 def export_classifier(out, vit, classes):
-    """classifier.pt: the state dict, timm's key names; classifier.json: how to load it."""
+    """classifier.pt: the state dict in timm's names; classifier.json: how to load it."""
     training.save_checkpoint(os.path.join(out, 'classifier.pt'), vit.state_dict())
     with open(os.path.join(out, 'classifier.json'), 'w') as f:
         json.dump(dict(timm=timm_call(vit), strict=True, config=vit.config, classes=list(classes),
@@ -244,9 +240,8 @@ def export_classifier(out, vit, classes):
 # ------------------------------
 # Build, the loop, the summary.
 
-
 def build(args, d):
-    """(ckpt or None, classifier, classes, val set, train set or None for --eval-only)."""
+    """(ckpt or None, classifier, classes, val set, train set or None for --eval-only)"""
     training.seed_everything(args.seed, d.rank)
     classes = data.build_dataset(args.data, 'val', args.data_root).classes
     vit, report = build_classifier(args, len(classes))
@@ -270,7 +265,7 @@ def build(args, d):
 
 
 def main(argv=None):
-    """Fine-tune (or --eval-only); returns a summary dict (top1, top5, count, ...)."""
+    """Returns a summary dict (top1, top5, count, ...)."""
     return training.run_command('finetune.py', get_args_parser(), resolve_args, run, argv)
 
 
@@ -312,7 +307,7 @@ def run(args, d):
     bar = tqdm(total=s.last, initial=start, disable=not d.is_main, desc='finetune')
     vit.train()
     for step, micro_batches in training.steps(loader, start, s, args.accum, ddp, 'finetune.py'):
-        lr = s.set_lr(optimizer, step)
+        lr = training.set_lr(optimizer, s, step)
         stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, micro-batches
         for k, (epochs, index, images, labels) in enumerate(micro_batches):
             drop = data.per_sample(vit.draw_drop, epochs, index, args.seed, 2).to(device)
@@ -320,7 +315,7 @@ def run(args, d):
                 images, targets = mix(images.to(device, non_blocking=True),
                                       labels.to(device, non_blocking=True))
             with training.autocast(dtype, device):
-                logits = (ddp or vit)(images, drop_draws=drop)                    # (B, C)
+                logits = (ddp or vit)(images, drop_draws=drop)  # (B, C)
                 loss = torch.sum(-targets * logits.float().log_softmax(-1), -1).mean()
             scaler.scale(loss / args.accum).backward()
             stats += torch.stack([loss.detach().double(), stats.new_tensor(1.0)])
@@ -332,7 +327,7 @@ def run(args, d):
         bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
         if done % s.steps_per_epoch and done != s.last:
             continue
-        # The end of an epoch (or of --steps): evaluate every validation image once, save.
+        # An epoch's (or --steps') end: evaluate every validation image once, save.
         result = training.evaluate(vit, val_loader, device, dtype)
         mean, n, seconds = epoch.read()
         training.log_line(f'{out}/log.jsonl', step=done, epoch=round(done / s.steps_per_epoch, 4),

@@ -1,18 +1,15 @@
 """Pre-train a ViT to predict the visual tokens of its patches: MIM, BEiT, PIM or MaPeT.
 
-Paper: Sec. 3 (MIM, PIM), Sec. 4.1 (MaPeT), Sec. 5.1 and Tab. 7 (AdamW, peak lr 1.5e-3 at batch
-2048, cosine to 1e-5 after 10 warmup epochs, 300 epochs, weight decay 0.05, grad clip 3.0, drop
-path 0.1, layer scale 0.1, colour jitter 0.4 the only augmentation). The objectives and the
-two-stream ViT are in model.py; this file is the training loop.
+Paper: Sec. 3 (MIM, PIM), Sec. 4.1 (MaPeT), Sec. 5.1 and Tab. 7 (the recipe: PAPER below and the
+flags' defaults). The objectives and the two-stream ViT are in model.py; this is the loop.
 
     python pretrain.py --objective mapet        # demo: micro ViT, 32 px images, ~4 min on 2 CPUs
     python pretrain.py --objective mapet --resume                    # continue runs/pretrain_mapet
     torchrun --nproc_per_node=8 pretrain.py --objective mapet --model base --data /path/imagenet \\
         --tokens tokens/in1k_rn50x64 --accum 4                # ViT-B, batch 2048 = 8 GPUs x 4 x 64
 
-Writes to --out (default runs/pretrain_<objective>): ckpt.pt (rewritten atomically every
---save-every steps; --resume continues it bit for bit), backbone.pt (the ViT for finetune.py and
-probe.py; timm's ViT with num_classes=0 loads it strictly), log.jsonl, args.json.
+Writes to --out: ckpt.pt (every --save-every steps; --resume continues it bit for bit),
+backbone.pt (the ViT for finetune.py and probe.py; timm's loads it strictly), log.jsonl, args.json.
 
 Tokens come from tokenizer.py (row i = image i; the demo's are made on the first run). A sample's
 colour jitter (key 0), permutation or mask (key 1) and drop path (key 2) are drawn from
@@ -40,8 +37,8 @@ PAPER = dict(model='base', epochs=300, batch_size=2048, lr=1.5e-3, warmup_epochs
              workers=training.default_workers(), tokens=None, save_every=500, log_every=50)
 DEMO = dict(model='micro', epochs=3, batch_size=128, lr=3.2e-2, warmup_epochs=0.5, workers=0,
             tokens=data.DEMO_TOKENS, save_every=100, log_every=10)
-WARMUP_LR = 1e-6                   # Tab. 7: the warmup starts from 1e-6
-BETAS, EPS = (0.9, 0.999), 1e-8    # Tab. 7: AdamW
+WARMUP_LR = 1e-6  # Tab. 7: the warmup starts from 1e-6
+BETAS, EPS = (0.9, 0.999), 1e-8  # Tab. 7: AdamW
 POSITIVE = ('epochs', 'batch_size', 'accum', 'lr', 'save_every', 'log_every', 'steps')
 RANGES = [(key, 0, math.inf) for key in ('clip_grad', 'warmup_epochs', 'min_lr', 'weight_decay',
                                          'color_jitter', 'workers')] + [('drop_path', 0, 0.99)]
@@ -75,22 +72,22 @@ def get_args_parser():
                    'patches stay where their tokens were (Sec. 5.1) [0.4]')
     g.add_argument('--workers', type=int, help=f'loader processes per GPU {default("workers")}')
     g = p.add_argument_group('optimisation (Tab. 7)')
-    g.add_argument('--epochs', type=int, help=f'epochs {default("epochs")}')
+    g.add_argument('--epochs', type=int, help=default('epochs'))
     g.add_argument('--batch-size', type=int, help=f'global batch {default("batch_size")}')
-    g.add_argument('--accum', type=int, default=1, help='gradient accumulation steps [1]')
+    g.add_argument('--accum', type=int, default=1, help='micro-batches per step [1]')
     g.add_argument('--lr', type=float, help=f'peak lr at batch 2048, scaled {default("lr")}')
     g.add_argument('--min-lr', type=float, default=1e-5, help='lr at the end of the cosine [1e-5]')
     g.add_argument('--warmup-epochs', type=float, help='linear warmup from 1e-6, per step '
                    f'{default("warmup_epochs")}')
     g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW [paper: 0.05]')
     g.add_argument('--clip-grad', type=float, default=3.0, help='max gradient norm, 0 = none [3.0]')
-    g.add_argument('--dtype', default='auto', choices=('auto', 'bfloat16', 'float16', 'float32'),
+    g.add_argument('--dtype', default='auto', choices=('auto', *training.DTYPES),
                    help='auto: bfloat16 on Ampere+, float16 on older GPUs, float32 on CPU')
     g.add_argument('--compile', action='store_true', help='torch.compile the step (GPUs)')
     g = p.add_argument_group('run')
     g.add_argument('--out', help='output directory [runs/pretrain_<objective>]')
     g.add_argument('--resume', action='store_true', help='continue the run in --out, exactly')
-    g.add_argument('--seed', type=int, default=0, help='seeds the init, data order, draws [0]')
+    g.add_argument('--seed', type=int, default=0, help='init, data order, draws [0]')
     g.add_argument('--steps', type=int, help='stop at this step; the schedule spans --epochs')
     g.add_argument('--save-every', type=int, help=f'steps between ckpts {default("save_every")}')
     g.add_argument('--log-every', type=int, help=f'steps between log lines {default("log_every")}')
@@ -99,7 +96,7 @@ def get_args_parser():
 
 
 def resolve_args(args):
-    """The defaults --data selects, checked; raises ValueError."""
+    """The defaults --data selects, checked."""
     for key, value in (DEMO if args.data == 'demo' else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -167,7 +164,7 @@ def build(args, d):
 
 def draws(pre, epochs, index, seed, device):
     """Each sample's permutation (pim, mapet: (B, N)) or mask (mim, beit: (B, N) bool), and its
-    drop-path draws (B, depth): from seed_for(seed, epoch, index, 1 / 2), whatever the batch."""
+    drop-path draws (B, depth), whatever the batch."""
     corrupt = data.per_sample(pre.draw_perm if pre.two_stream else pre.draw_mask, epochs, index,
                               seed, 1).to(device, non_blocking=True)
     drop = data.per_sample(pre.draw_drop, epochs, index, seed, 2).to(device, non_blocking=True)
@@ -179,7 +176,7 @@ def draws(pre, epochs, index, seed, device):
 
 
 def main(argv=None):
-    """Run pre-training; returns a summary dict (steps, epochs, final loss and accuracy, speed)."""
+    """Returns a summary dict (steps, epochs, final loss and accuracy, speed)."""
     return training.run_command('pretrain.py', get_args_parser(), resolve_args, train, argv)
 
 
@@ -213,7 +210,7 @@ def train(args, d):
     pre.train()
     start_time = time.time()
     for step, micro_batches in training.steps(loader, start, s, args.accum, ddp, 'pretrain.py'):
-        lr = s.set_lr(optimizer, step)
+        lr = training.set_lr(optimizer, s, step)
         stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, micro-batches, hits, M
         for epochs, index, images, tokens in micro_batches:
             images, tokens = images.to(device), tokens.to(device)
@@ -221,7 +218,7 @@ def train(args, d):
             with training.autocast(dtype, device):
                 logits, loss = step_model(images, tokens, **corrupt, drop_draws=drop)  # (B, M, K)
             scaler.scale(loss / args.accum).backward()
-            targets = pre.targets_for(tokens, **corrupt)                           # (B, M)
+            targets = pre.targets_for(tokens, **corrupt)  # (B, M)
             stats += torch.stack([loss.detach().double(), stats.new_tensor(1.0),
                                   (logits.argmax(-1) == targets).sum().double(),
                                   stats.new_tensor(targets.numel())])

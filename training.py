@@ -1,13 +1,8 @@
-"""The plumbing that pretrain.py, finetune.py and probe.py share: processes, flags, seeds, the
-schedule and AdamW groups (Tab. 7-8), one precision path, the steps of a training loop, atomic
-checkpoints, the backbone file, exact evaluation.
+"""What pretrain.py, finetune.py and probe.py share, section by section. Checkpoints hold only
+tensors and plain values: weights_only=True loads them.
 
-    import training
     d = training.setup_distributed('cpu')      # Dist(rank, local_rank, world_size, device, is_main)
     backbone, report = training.load_backbone('runs/pretrain_mapet/backbone.pt', num_classes=10)
-
-Checkpoints hold only tensors and plain values (weights_only=True loads them) and are written to
-`<path>.tmp`, then renamed: a kill during a write keeps the previous one.
 """
 import contextlib
 import json
@@ -18,7 +13,6 @@ import resource
 import subprocess
 import time
 from collections import namedtuple
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,12 +26,11 @@ import model
 # ------------------------------
 # Processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
 
-
 Dist = namedtuple('Dist', 'rank local_rank world_size device is_main')
 
 
 def setup_distributed(device=None):
-    """Join torchrun's group (NCCL on GPUs, gloo on CPUs) or run alone; cuda is cuda:LOCAL_RANK."""
+    """Join torchrun's group (NCCL on GPUs, gloo on CPUs) or run alone."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if 'RANK' not in os.environ:
         return Dist(0, 0, 1, device, True)
@@ -56,19 +49,18 @@ def cleanup_distributed():
 
 
 def run_command(script, parser, resolve_args, run, argv=None):
-    """A stage's main(): a bad flag ends it in one line; else run(args, d) in the process group."""
+    """A stage's main(): a bad flag ends it in one line, else run(args, d) in the process group."""
     try:
         args = resolve_args(parser.parse_args(argv))
-        device = getattr(args, 'device', None)
-        if device is not None:
-            check_device(device)
+        if args.device is not None:
+            check_device(args.device)
         world, accum = int(os.environ.get('WORLD_SIZE', 1)), getattr(args, 'accum', None)
         if accum and args.batch_size % (world * accum):
             raise ValueError(f'--batch-size {args.batch_size} is not divisible by {world} processes'
                              f' x --accum {accum}: use a multiple of {world * accum}')
     except ValueError as e:
         raise SystemExit(f'{script}: {e}') from None
-    d = setup_distributed(device)
+    d = setup_distributed(args.device)
     try:
         return run(args, d)
     finally:
@@ -85,7 +77,7 @@ def check_device(name):
 
 
 def check_args(args, positive=(), ranges=()):
-    """ValueError for the first flag (None: unset) not > 0 or outside its (flag, low, high) row."""
+    """ValueError for the first set flag not > 0 or outside its (flag, low, high) row."""
     for key in positive:
         value = getattr(args, key)
         if value is not None and not value > 0:
@@ -98,7 +90,7 @@ def check_args(args, positive=(), ranges=()):
 
 
 def default_workers():
-    """The paper's 10 loader processes, or the CPUs this process may use if fewer."""
+    """The paper's 10 loader processes, or fewer CPUs."""
     return min(10, len(os.sched_getaffinity(0)))
 
 
@@ -112,15 +104,14 @@ def print0(*args, **kwargs):
 
 
 def seed_everything(seed, rank):
-    """A stream per rank (mixup must differ between ranks), reproducible per seed."""
+    """A stream per rank, reproducible per seed."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # CPU and every GPU
+    torch.manual_seed(seed + rank)
 
 
 # ------------------------------
-# Optimisation: the schedule, the parameter groups, and one mixed-precision path.
-
+# Optimisation: the schedule (Tab. 7-8), the parameter groups, one mixed-precision path.
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, warmup_lr):
     """Linear warmup from warmup_lr to peak_lr, then cosine down to min_lr, per step (Tab. 7)."""
@@ -130,24 +121,17 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, warmup_lr):
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """A run's steps and lrs; it stops at `last` (--steps); `micro`: images per process per pass."""
-    steps_per_epoch: int
-    total: int
-    warmup: int
-    last: int
-    micro: int
-    peak_lr: float
-    min_lr: float
-    warmup_lr: float
+# A run stops at `last` (--steps) of `total`; `micro`: images per process per pass.
+Schedule = namedtuple('Schedule', 'steps_per_epoch total warmup last micro peak_lr min_lr '
+                                  'warmup_lr')
 
-    def set_lr(self, optimizer, step):
-        """Set each group's lr (the scheduled lr x its lr_scale); return the scheduled lr."""
-        lr = lr_at(step, self.total, self.warmup, self.peak_lr, self.min_lr, self.warmup_lr)
-        for group in optimizer.param_groups:
-            group['lr'] = lr * group['lr_scale']
-        return lr
+
+def set_lr(optimizer, s, step):
+    """Set each group's lr to the scheduled one x its lr_scale; return the scheduled one."""
+    lr = lr_at(step, s.total, s.warmup, s.peak_lr, s.min_lr, s.warmup_lr)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']
+    return lr
 
 
 def plan(args, num_images, d, reference_batch, warmup_lr):
@@ -161,17 +145,14 @@ def plan(args, num_images, d, reference_batch, warmup_lr):
                f'{spe} steps/epoch, {total} steps in all, {s.warmup} warmup')
 
 
-NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'mask_token')
-
-
 def param_groups(module, weight_decay, lr_scale=None):
-    """AdamW groups, no weight decay on 1-D tensors (biases, norms, layer scale) nor the position /
-    CLS / mask tokens (Tab. 7); `lr_scale(name)`: a per-tensor lr factor. Frozen ones left out."""
+    """AdamW groups of the trainable tensors, no weight decay on 1-D ones (biases, norms, layer
+    scale) nor the position / CLS / mask tokens (Tab. 7); `lr_scale(name)`: a per-tensor factor."""
     groups = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.rsplit('.', 1)[-1] in NO_WEIGHT_DECAY
+        no_decay = p.ndim <= 1 or name.split('.')[-1] in ('pos_embed', 'cls_token', 'mask_token')
         scale = float(lr_scale(name)) if lr_scale else 1.0
         group = groups.setdefault((no_decay, scale), dict(
             params=[], weight_decay=0.0 if no_decay else weight_decay, lr_scale=scale))
@@ -188,29 +169,26 @@ def resolve_dtype(name, device):
     if name == 'auto':
         if device.type != 'cuda':
             return torch.float32
-        # Not torch.cuda.is_bf16_supported(): it also says yes for a V100, where bf16 is emulated.
+        # Not torch.cuda.is_bf16_supported(): it says yes for a V100, where bf16 is emulated.
         ampere = torch.cuda.get_device_capability(device) >= (8, 0)
         return torch.bfloat16 if ampere else torch.float16
     return DTYPES[name]
 
 
 def autocast(dtype, device):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def grad_scaler(dtype, device):
-    """Acts only for fp16: bf16 and fp32 have fp32's exponent range."""
+    """Only fp16 needs one: bf16 has fp32's exponent range."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # ------------------------------
 # The steps of a training loop, the same for every stage that trains.
 
-
 def wrap_ddp(module, d):
-    """DistributedDataParallel around `module` on more than one process, else None."""
+    """None on one process."""
     if d.world_size == 1:
         return None
     ids = [d.local_rank] if d.device.type == 'cuda' else None
@@ -227,31 +205,30 @@ def train_loader(dataset, d, seed, s, accum, workers):
 
 
 def steps(loader, start, s, accum, ddp, script):
-    """(step, its `accum` micro-batches) from `start` to s.last. An epoch's order is a function of
-    (seed, epoch) and a resumed run skips what it had taken: the same sequence."""
+    """(step, its `accum` micro-batches) up to s.last; an epoch's order is a function of (seed,
+    epoch), and a resumed run skips what it had taken."""
     for epoch in range(start // s.steps_per_epoch, -(-s.last // s.steps_per_epoch)):
         first = max(start, epoch * s.steps_per_epoch)
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip = (first - epoch * s.steps_per_epoch) * accum * s.micro
         batches = iter(loader)
         for step in range(first, min(s.last, (epoch + 1) * s.steps_per_epoch)):
-            yield step, micro_batches(batches, accum, ddp, f'{script}: every image of a batch at '
-                                      f'step {step + 1} is unreadable')
+            yield step, micro_batches(batches, accum, ddp, script, step)
 
 
-def micro_batches(batches, accum, ddp, unreadable):
+def micro_batches(batches, accum, ddp, script, step):
     """`accum` batches, all but the last under no_sync: gradients are all-reduced once a step."""
     for k in range(accum):
         batch = next(batches)
         if batch is None:
-            raise SystemExit(unreadable)
+            raise SystemExit(f'{script}: every image of a batch at step {step + 1} is unreadable')
         with ddp.no_sync() if ddp is not None and k < accum - 1 else contextlib.nullcontext():
             yield batch
 
 
 def finish_step(stats, optimizer, scaler, clip_grad, step, script, ckpt_path):
-    """Sum `stats` (loss sum, micro-batches, ...) over ranks: a non-finite loss stops every rank
-    before the weights change. Then clip (0: none), step; (loss, sums, grad norm, overflow)."""
+    """Sum `stats` (loss sum, micro-batches, ...) over ranks, so a non-finite loss stops every rank
+    before the weights change; clip (0: none), step; (loss, sums, grad norm, overflow)."""
     if dist.is_initialized():
         dist.all_reduce(stats)
     sums = stats.tolist()
@@ -265,29 +242,26 @@ def finish_step(stats, optimizer, scaler, clip_grad, step, script, ckpt_path):
     params = [p for group in optimizer.param_groups for p in group['params']]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
     scale = scaler.get_scale()
-    scaler.step(optimizer)                  # float16: skipped when the gradients overflowed
+    scaler.step(optimizer)  # float16: skipped if the gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss, sums, float(grad_norm), scaler.is_enabled() and scaler.get_scale() < scale
 
 
 class Meter:
-    """Means of named per-step numbers since the last read(), and the seconds taken."""
+    """Means of per-step numbers since the last read(), and the seconds taken."""
 
     def __init__(self):
-        self.sums, self.count, self.start = {}, 0, time.time()
+        self.rows, self.start = [], time.time()
 
     def add(self, **values):
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
+        self.rows.append(values)
 
     def read(self):
-        """(means, steps, seconds); a new window starts."""
-        now = time.time()
-        window = {k: v / self.count for k, v in self.sums.items()}, self.count, now - self.start
-        self.sums, self.count, self.start = {}, 0, now
-        return window
+        """(means, steps, seconds)"""
+        now, rows = time.time(), self.rows
+        self.rows, self.start, seconds = [], now, now - self.start
+        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}, len(rows), seconds
 
 
 def peak_memory_mb(device):
@@ -299,9 +273,8 @@ def peak_memory_mb(device):
 # ------------------------------
 # Files: checkpoints, the JSON-lines log, the run's arguments.
 
-
 def save_checkpoint(path, obj):
-    """Write <path>.tmp, fsync, rename over <path>: atomic."""
+    """Atomic: a kill during the write keeps the previous file."""
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
         torch.save(obj, f)
@@ -315,7 +288,7 @@ def load_checkpoint(path):
         raise ValueError(f'no checkpoint file {path}')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch's message advises weights_only=False: unsafe, never shown
+    except Exception as e:  # torch's message advises the unsafe weights_only=False
         raise ValueError(f'{path} is not a readable checkpoint of this project ({type(e).__name__}'
                          '): it is damaged or another kind of file; pass a ckpt.pt or backbone.pt '
                          'written by pretrain.py or finetune.py') from None
@@ -345,23 +318,24 @@ def resume_or_start(args, path, same):
 
 
 def log_line(path, **record):
-    """Rank 0 appends the record as one JSON line, closed at once: a killed run keeps its log."""
+    """Rank 0 appends one JSON line, closed at once: a killed run keeps its log."""
     if is_main():
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         with open(path, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
 
 def git_revision():
     try:
-        out = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else 'unknown'
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                              check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
 
 
 def print_run(args, d=None):
-    """Print the git revision and the sorted arguments on rank 0; return the revision."""
+    """Print the git revision and the sorted arguments; return the revision."""
     revision = git_revision()
     where = f', {d.world_size} process(es) on {d.device.type}' if d is not None else ''
     print0(f'git revision {revision}{where}')
@@ -372,32 +346,29 @@ def print_run(args, d=None):
 def start_run(args, out_dir, d):
     """print_run, out_dir/args.json; a new run drops the log of an attempt that saved no ckpt."""
     os.makedirs(out_dir, exist_ok=True)
-    revision = print_run(args, d)
-    if d.is_main and not args.resume and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-        os.remove(os.path.join(out_dir, 'log.jsonl'))
+    revision, log = print_run(args, d), os.path.join(out_dir, 'log.jsonl')
     if d.is_main:
+        if not args.resume and os.path.exists(log):
+            os.remove(log)
         with open(os.path.join(out_dir, 'args.json'), 'w') as f:
             json.dump(dict(args=dict(sorted(vars(args).items())), git=revision,
                            world_size=d.world_size, torch=torch.__version__), f, indent=1)
-    return revision
 
 
 # ------------------------------
 # The backbone file: what pre-training hands to fine-tuning and probing.
-
-HEAD = ('fc_norm.', 'head.')           # the classifier; pre-training never trains it
+HEAD = ('fc_norm.', 'head.')  # the classifier; pre-training never trains it
 SIZE_KEYS = ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads')
 
 
 def save_backbone(path, backbone, extra):
-    """{config, state_dict, **extra}: the ViT without its head, with the untrained fc_norm, so the
-    file loads into timm's ViT of num_classes=0 with strict=True."""
+    """No head, the untrained fc_norm: timm's ViT of num_classes=0 loads it strictly."""
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith('head.')}
     save_checkpoint(path, dict(config=dict(backbone.config), state_dict=state, **extra))
 
 
 def size_name(config):
-    """The MODEL_CONFIGS name of a config ('tiny', ...), or 'custom size'."""
+    """'tiny', ... (model.MODEL_CONFIGS) or 'custom size'."""
     for name, c in model.MODEL_CONFIGS.items():
         if all(config.get(k) == c[k] for k in SIZE_KEYS):
             return name
@@ -406,24 +377,25 @@ def size_name(config):
 
 def load_backbone(path, num_classes, drop_path_rate=0.1, expect=None):
     """(ViT, report) from a backbone.pt or ckpt.pt: every backbone tensor must be there; fc_norm
-    and head are new unless fine-tuned ones fit. `expect`: config values the caller requires."""
+    and head are new unless fine-tuned ones fit. `expect`: config values required."""
     ckpt = load_checkpoint(path)
-    if 'config' not in ckpt or not ({'state_dict', 'model'} & set(ckpt)):
+    config, state = ckpt.get('config'), ckpt.get('state_dict', ckpt.get('model'))
+    if config is None or state is None:
         raise ValueError(f'{path} is not a backbone.pt or ckpt.pt of this project (it holds '
                          f'{", ".join(sorted(ckpt)[:8])})')
-    config, state = ckpt['config'], ckpt.get('state_dict', ckpt.get('model'))
     for key, wanted in (expect or {}).items():
         if config.get(key) != wanted:
             theirs, asked = size_name(config), size_name({**config, **expect})
             fix = 'a --model of that size' if theirs == 'custom size' else f'--model {theirs}'
             raise ValueError(f'{path} holds a ViT with {key} {config.get(key)} ({theirs}); you '
                              f'asked for {key} {wanted} ({asked}): pass {fix} or another file')
-    dropped = []
-    if any(k.startswith('backbone.') for k in state):  # a Pretrainer's state: keep the backbone
-        dropped = sorted({k.split('.')[0] for k in state if not k.startswith('backbone.')})
-        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
-    vit = model.VisionTransformer(**{**config, 'num_classes': num_classes,
-                                     'drop_path_rate': drop_path_rate})
+    parts, dropped = {k.split('.')[0] for k in state}, []
+    if 'backbone' in parts:  # a Pretrainer's state: keep the backbone
+        dropped = sorted(parts - {'backbone'})
+        state = {k.removeprefix('backbone.'): v for k, v in state.items()
+                 if k.startswith('backbone.')}
+    vit = model.VisionTransformer(**dict(config, num_classes=num_classes,
+                                         drop_path_rate=drop_path_rate))
     own = vit.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(HEAD) or (  # pre-training: none
         'objective' not in ckpt and k in own and v.shape == own[k].shape)}
@@ -442,36 +414,22 @@ def load_backbone(path, num_classes, drop_path_rate=0.1, expect=None):
 
 # ------------------------------
 # Exact distributed evaluation (finetune.py, probe.py): DistributedSampler pads the split with
-# repeated images, so its accuracy counts some twice; here each rank takes its own indices, no
-# padding, and the counts are summed over ranks.
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Indices rank, rank + world, ... of 0..n-1: the shards partition the split exactly."""
-
-    def __init__(self, n, world_size, rank):
-        self.indices = range(rank, n, world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
+# repeated images, counting some twice; here the ranks' shards partition it and counts are summed.
 
 
 @torch.no_grad()
 def evaluate(classifier, loader, device, dtype):
-    """Top-1, top-5 (%) and images seen over all ranks' shards; one final all-reduce, so ranks
-    may hold different numbers of batches."""
+    """Top-1, top-5 (%) and images over all ranks' shards; one final all-reduce, so ranks may
+    hold different numbers of batches."""
     was_training = classifier.training
     classifier.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5 correct, images
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5 hits, images
     for batch in loader:
         if batch is None:
             continue
-        inputs, labels = batch[0].to(device), batch[1].to(device)
+        labels = batch[1].to(device)
         with autocast(dtype, device):
-            logits = classifier(inputs)
+            logits = classifier(batch[0].to(device))
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                                labels.new_tensor(len(labels))]).double()
@@ -483,19 +441,17 @@ def evaluate(classifier, loader, device, dtype):
 
 
 def record_result(path, **record):
-    """Print a `result:` line and append it, with the git revision, to the JSON-lines `path`."""
+    """Print a `result:` line; append it, with the git revision, to the JSON-lines `path`."""
     record = dict(record, git=git_revision())
     fields = '  '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}'
                        for k, v in record.items())
     print0(f'result: {fields}')
-    if is_main():
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     log_line(path, **record)
 
 
 def eval_loader(dataset, batch_size, workers, d):
-    """This rank's shard; its own generator spares the process's stream (exact resume)."""
+    """This rank's shard, no padding; its own generator, as train_loader's."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                      sampler=ShardSampler(len(dataset), d.world_size, d.rank),
+                      sampler=range(d.rank, len(dataset), d.world_size),
                       collate_fn=data.collate_skip, pin_memory=d.device.type == 'cuda',
                       generator=torch.Generator())

@@ -1,4 +1,4 @@
-"""finetune.py and the evaluation it shares with probe.py (training.ShardSampler, .evaluate):
+"""finetune.py and the evaluation it shares with probe.py (training.eval_loader, .evaluate):
 end to end from a pretrain.py checkpoint and from scratch, layer-wise decay, exact distributed
 evaluation against one process, the timm export, exact resume, and the clear refusals."""
 
@@ -230,16 +230,17 @@ def test_training_applies_the_scales(folder, pretrained, tmp_path):
 @pytest.mark.parametrize('n', [0, 1, 7, 11, 1000])
 @pytest.mark.parametrize('world', [1, 2, 3, 8])
 def test_shards_partition_the_split_without_padding(n, world):
-    shards = [list(training.ShardSampler(n, world, rank)) for rank in range(world)]
+    cpu = torch.device('cpu')
+    loaders = [training.eval_loader(range(n), 1, 0, training.Dist(r, r, world, cpu, r == 0))
+               for r in range(world)]
+    shards = [list(loader.sampler) for loader in loaders]
     assert sorted(i for shard in shards for i in shard) == list(range(n))
-    assert [len(training.ShardSampler(n, world, r)) for r in range(world)] == [
-        len(s) for s in shards
-    ]
+    assert [len(loader) for loader in loaders] == [len(s) for s in shards]
 
 
 EVAL_SCRIPT = '''
 import json, sys, torch, training
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 d = training.setup_distributed()
 # 11 images, 4 classes: logits one-hot on a chosen class; image i is top-1 right iff i % 3 != 0.
 labels = torch.arange(11) % 4
@@ -247,8 +248,7 @@ predicted = torch.where(torch.arange(11) % 3 != 0, labels, (labels + 1) % 4)
 one_hot = torch.nn.functional.one_hot
 logits = one_hot(predicted, 4).float() + one_hot(labels, 4) * 0.5
 dataset = TensorDataset(logits, labels)
-sampler = training.ShardSampler(len(dataset), d.world_size, d.rank)
-loader = DataLoader(dataset, batch_size=2, sampler=sampler)
+loader = training.eval_loader(dataset, 2, 0, d)
 result = training.evaluate(torch.nn.Identity(), loader, d.device, torch.float32)
 with open(f'{sys.argv[1]}/rank{d.rank}.json', 'w') as f:
     json.dump(result, f)
