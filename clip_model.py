@@ -1,13 +1,9 @@
 """OpenAI CLIP with ResNet image towers, compactly; loads OpenAI's checkpoints unchanged.
 
-k-CLIP (paper Sec. 4.2) makes MaPeT's visual tokens by clustering the last convolutional stage
-(`layer4`) of a CLIP ResNet: tokenizer.py calls `load(name_or_path, device)`, then
-`encode_dense(x)` on images normalised with IMAGE_MEAN / IMAGE_STD at 32*G px, a G x G feature
-grid (448 px -> 14 x 14). The paper used RN50x64 (C = 4096); this project defaults to RN50 (2048).
-
-Top to bottom: the BPE text tokenizer, the ResNet image tower, the text transformer, CLIP,
-load(). Keys are OpenAI's and the architecture is read from the tensor shapes, so a checkpoint
-loads with strict=True; ViT CLIP models are refused.
+k-CLIP (paper Sec. 4.2) clusters `layer4` of a CLIP ResNet (`encode_dense`, on images normalised
+with IMAGE_MEAN / IMAGE_STD at 32*G px); the paper used RN50x64 (C = 4096), this project RN50
+(2048). The architecture is read from the tensor shapes, so a checkpoint loads with strict=True;
+ViT CLIP models are refused.
 
     model = clip_model.load('RN50')                    # downloads to ~/.cache/clip ($CLIP_CACHE)
     model = clip_model.load('RN50x64.pt', 'cuda')      # a local file: no network
@@ -49,25 +45,25 @@ MODELS = {name: URL.format(sha256, name) for name, sha256 in (
     ('RN50x16', '52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa'),
     ('RN50x64', 'be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c'))}
 
-# ----------------------------------------------------------------------------- text tokenizer
+# ------------------------------ text tokenizer
 
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           'bpe_simple_vocab_16e6.txt.gz')
 SOT, EOT = '<|startoftext|>', '<|endoftext|>'
-# Pre-tokens: special tokens, English contractions, letter runs, single digits, punctuation runs.
+# Pre-tokens: special tokens, contractions, letter runs, single digits, punctuation runs.
 PRETOKEN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+"
                          r"|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
 
 def byte_alphabet():
-    """A printable character per byte value: BPE runs on strings without whitespace or control
-    characters, and any UTF-8 text is representable (no unknown token)."""
+    """A printable character per byte: BPE sees no whitespace or control characters, and any
+    UTF-8 text is representable (no unknown token)."""
     printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
                  *range(ord('®'), ord('ÿ') + 1)]
     table = {b: chr(b) for b in printable}
     for n, b in enumerate(b for b in range(256) if b not in table):
-        table[b] = chr(256 + n)  # the remaining bytes borrow unused code points
-    return table  # insertion order is the order of the first 256 vocabulary ids
+        table[b] = chr(256 + n)  # unused code points
+    return table  # in the order of the first 256 vocabulary ids
 
 
 class BPETokenizer:
@@ -81,11 +77,11 @@ class BPETokenizer:
         chars = list(self.byte_char.values())
         vocab = chars + [c + '</w>' for c in chars] + [''.join(m) for m in merges] + [SOT, EOT]
         self.encoder = {piece: i for i, piece in enumerate(vocab)}
-        self.rank = {pair: i for i, pair in enumerate(merges)}  # lower rank: merged earlier
+        self.rank = {pair: i for i, pair in enumerate(merges)}  # lower: merged earlier
         self.cache = {SOT: [SOT], EOT: [EOT]}
 
     def bpe(self, word):
-        """A pre-token -> vocabulary pieces: merge its best-ranked known pair until none is left."""
+        """A pre-token -> vocabulary pieces: merge the best-ranked known pair until none is left."""
         if word not in self.cache:
             parts = [*word[:-1], word[-1] + '</w>']  # '</w>' marks the end of a word
             while len(parts) > 1:
@@ -93,7 +89,7 @@ class BPETokenizer:
                 if best not in self.rank:
                     break
                 merged, i = [], 0
-                while i < len(parts):  # merge every occurrence, left to right, without overlap
+                while i < len(parts):  # every occurrence, left to right, without overlap
                     pair = i + 1 < len(parts) and (parts[i], parts[i + 1]) == best
                     merged.append(parts[i] + parts[i + 1] if pair else parts[i])
                     i += 2 if pair else 1
@@ -114,8 +110,8 @@ def bpe_tokenizer():
 
 
 def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = False):
-    """Texts -> (B, context_length) int64: <|startoftext|> text <|endoftext|>, zero-padded; too
-    long: RuntimeError, or with truncate=True cut to end with <|endoftext|> (as clip.tokenize)."""
+    """Texts -> (B, context_length) int64, zero-padded, as clip.tokenize; too long: RuntimeError,
+    or with truncate=True cut to end with <|endoftext|>."""
     texts = [texts] if isinstance(texts, str) else texts
     tok = bpe_tokenizer()
     sot, eot = tok.encoder[SOT], tok.encoder[EOT]
@@ -130,7 +126,7 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
         out[i, :len(ids)] = torch.tensor(ids)
     return out
 
-# ----------------------------------------------------------------------------- image tower
+# ------------------------------ image tower
 
 
 def conv_bn(cin, cout, k, stride=1):  # (conv, bn) pair, OpenAI's convN / bnN keys
@@ -138,8 +134,8 @@ def conv_bn(cin, cout, k, stride=1):  # (conv, bn) pair, OpenAI's convN / bnN ke
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 conv, 4x wider out; a stride is an average pool before the last 1x1 conv
-    and the shortcut's conv (anti-aliased downsampling)."""
+    """1x1 -> 3x3 -> 1x1 conv, 4x wider out; a stride is an average pool before the last conv and
+    the shortcut's (anti-aliased downsampling)."""
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -175,8 +171,8 @@ class AttentionPool2d(nn.Module):
         B, C, Gh, Gw = x.shape
         if Gh * Gw + 1 != len(self.positional_embedding):
             side = 32 * round((len(self.positional_embedding) - 1) ** 0.5)
-            raise ValueError(f'encode_image needs {side}x{side} px (the attention pool is sized '
-                             f'for it), got {32 * Gh}x{32 * Gw}; encode_dense takes any size')
+            raise ValueError(f'encode_image needs {side}x{side} px, got {32 * Gh}x{32 * Gw}; '
+                             'encode_dense takes any size')
         x = x.flatten(2).transpose(1, 2)  # (B, G*G, C)
         x = torch.cat([x.mean(1, keepdim=True), x], 1) + self.positional_embedding
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, L, C/H)
@@ -187,7 +183,7 @@ class AttentionPool2d(nn.Module):
 
 class ModifiedResNet(nn.Module):
     """3-conv stem, average pool, four Bottleneck stages (layer4: 32*width channels, stride 32),
-    attention pool to the joint embedding."""
+    attention pool."""
 
     def __init__(self, layers, output_dim, heads, input_resolution, width):
         super().__init__()
@@ -211,11 +207,11 @@ class ModifiedResNet(nn.Module):
     def forward(self, x):  # (B, 3, R, R) -> (B, E)
         return self.attnpool(self.forward_dense(x))
 
-# ----------------------------------------------------------------------------- text tower
+# ------------------------------ text tower
 
 
 class QuickGELU(nn.Module):
-    """The sigmoid approximation of GELU that CLIP was trained with (not the same as GELU)."""
+    """GELU's sigmoid approximation, which CLIP was trained with."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -231,18 +227,18 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)  # registered last: OpenAI's key order
 
     def forward(self, x):  # (B, L, D) -> (B, L, D), pre-norm residual
-        causal = torch.full((x.shape[1],) * 2, -math.inf, device=x.device).triu(1)  # t sees <= t
+        causal = torch.full((x.shape[1],) * 2, -math.inf, device=x.device).triu(1)
         h = self.ln_1(x)
         x = x + self.attn(h, h, h, need_weights=False, attn_mask=causal)[0]
         return x + self.mlp(self.ln_2(x))
 
-# ----------------------------------------------------------------------------- CLIP
+# ------------------------------ CLIP
 
 
 @dataclass
 class CLIPConfig:  # defaults: RN50
     embed_dim: int = 1024  # joint image-text embedding E
-    image_resolution: int = 224  # native input size R; the attention pool is sized for R/32
+    image_resolution: int = 224  # native input size R, which sizes the attention pool
     vision_layers: tuple[int, int, int, int] = (3, 4, 6, 3)  # Bottleneck blocks per stage
     vision_width: int = 64  # stem width; layer4 has C = 32*width channels
     context_length: int = 77
@@ -257,7 +253,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = cfg
         width = cfg.transformer_width
-        # Head counts are not in the weights: OpenAI uses 64-dimensional heads in both towers.
+        # Head counts are not in the weights: OpenAI's heads are 64 wide in both towers.
         self.visual = ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_width * 32 // 64,
                                      cfg.image_resolution, cfg.vision_width)
         blocks = [ResidualAttentionBlock(width, cfg.transformer_heads)
@@ -291,7 +287,7 @@ class CLIP(nn.Module):
 
 
 def config_from_state_dict(sd, source) -> CLIPConfig:
-    """Read the architecture from tensor shapes and key counts, as OpenAI's build_model does."""
+    """The architecture, from tensor shapes and key counts, as OpenAI's build_model."""
     if 'visual.proj' in sd or 'visual.class_embedding' in sd:
         raise SystemExit(f'{source} is a ViT CLIP model; only ResNet CLIP models '
                          f'({", ".join(MODELS)}) work, since k-CLIP clusters the last conv stage')
@@ -299,23 +295,22 @@ def config_from_state_dict(sd, source) -> CLIPConfig:
     def count(prefix):
         return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
 
-    def size(key, dim=0):
-        return sd[key].shape[dim]
-
     try:
-        width = size('ln_final.weight')
+        width = len(sd['ln_final.weight'])
         return CLIPConfig(
-            embed_dim=size('text_projection', 1),
-            image_resolution=32 * round((size('visual.attnpool.positional_embedding') - 1) ** 0.5),
+            embed_dim=sd['text_projection'].shape[1],
+            image_resolution=32 * round(
+                (len(sd['visual.attnpool.positional_embedding']) - 1) ** 0.5),
             vision_layers=tuple(count(f'visual.layer{i}.') for i in (1, 2, 3, 4)),
-            vision_width=size('visual.layer1.0.conv1.weight'),
-            context_length=size('positional_embedding'), vocab_size=size('token_embedding.weight'),
+            vision_width=len(sd['visual.layer1.0.conv1.weight']),
+            context_length=len(sd['positional_embedding']),
+            vocab_size=len(sd['token_embedding.weight']),
             transformer_width=width, transformer_heads=width // 64,
             transformer_layers=count('transformer.resblocks.'))
     except KeyError as e:
         raise SystemExit(f'{source} is not an OpenAI CLIP state dict (no {e})') from None
 
-# ----------------------------------------------------------------------------- loading
+# ------------------------------ loading
 
 
 def sha256(path):
@@ -324,8 +319,8 @@ def sha256(path):
 
 
 def download(url, root):
-    """root/<file name>, downloaded unless there with the SHA-256 the URL names: to a temporary
-    file, checked, then renamed, so no partial or wrong file is ever used."""
+    """root/<file name>, downloaded unless there with the SHA-256 the URL names; via a checked
+    temporary file, so no partial or wrong file is ever used."""
     expected, name = url.split('/')[-2:]
     target = os.path.join(root, name)
     if os.path.isfile(target):
@@ -340,7 +335,7 @@ def download(url, root):
             with tqdm(total=size, unit='B', unit_scale=True, desc=name) as bar:
                 while chunk := src.read(1 << 20):
                     bar.update(out.write(chunk))
-    except OSError as e:  # URLError, HTTPError, timeouts and a full disk are all OSErrors
+    except OSError as e:  # URLError, HTTPError, a timeout, a full disk
         os.remove(tmp)
         raise SystemExit(f'cannot download {url} ({getattr(e, "reason", e)}); without network, '
                          f'fetch it elsewhere and save it as {target}, or pass its path') from None
@@ -355,7 +350,7 @@ def download(url, root):
 def read_state_dict(path):
     """The tensors of a TorchScript archive (OpenAI's format), a state dict or {'state_dict': }."""
     try:
-        with zipfile.ZipFile(path) as z:  # TorchScript archives are zips holding constants.pkl
+        with zipfile.ZipFile(path) as z:
             scripted = any(name.endswith('/constants.pkl') for name in z.namelist())
     except zipfile.BadZipFile:
         scripted = False
@@ -364,10 +359,9 @@ def read_state_dict(path):
             warnings.simplefilter('ignore', FutureWarning)
             sd = (torch.jit.load(path, map_location='cpu').state_dict() if scripted
                   else torch.load(path, map_location='cpu', weights_only=True))
-    except Exception as e:  # noqa: BLE001 (the unpickler raises any type: KeyError for a text)
-        raise SystemExit(f'cannot read {path} ({type(e).__name__}): give a CLIP model name that '
-                         f'downloads ({", ".join(MODELS)}) or the path of an OpenAI TorchScript '
-                         'archive or state dict') from None
+    except Exception as e:  # noqa: BLE001 (the unpickler raises any type)
+        raise SystemExit(f'cannot read {path} ({type(e).__name__}): pass one of {", ".join(MODELS)}'
+                         ' or an OpenAI TorchScript archive or state dict') from None
     sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict):
         raise SystemExit(f'{path} holds a {type(sd).__name__}, not a state dict')
@@ -376,9 +370,8 @@ def read_state_dict(path):
 
 
 def load(name_or_path: str, device='cpu', download_root: str | None = None) -> CLIP:
-    """The CLIP model in eval mode on `device`: a name in MODELS is downloaded into download_root,
-    else $CLIP_CACHE, else ~/.cache/clip; anything else must be a file. Every failure is a
-    one-line SystemExit."""
+    """The CLIP model in eval mode: a name in MODELS downloads into download_root, else
+    $CLIP_CACHE, else ~/.cache/clip; else a file. Every failure is a one-line SystemExit."""
     if name_or_path in MODELS:
         root = download_root or os.environ.get('CLIP_CACHE') or os.path.expanduser('~/.cache/clip')
         path = download(MODELS[name_or_path], root)
@@ -388,7 +381,7 @@ def load(name_or_path: str, device='cpu', download_root: str | None = None) -> C
         raise SystemExit(f'no CLIP model {name_or_path!r}: not a file, and not one of '
                          f'{", ".join(MODELS)}')
     sd = read_state_dict(path)
-    with torch.device('meta'):  # no memory and no random init: every tensor comes from the file
+    with torch.device('meta'):  # no memory, no random init: every tensor comes from the file
         model = CLIP(config_from_state_dict(sd, path))
     try:
         model.load_state_dict(sd, strict=True, assign=True)

@@ -1,8 +1,8 @@
 """k-CLIP, the visual tokenizer of MaPeT (paper Sec. 4.2), as a command.
 
-A patch's token is its nearest centroid of a k-means codebook (K=8192) fitted to a random 10%
-of the patch features: the CLIP ResNet's `layer4` at 32*G px, one per patch of a G x G grid
-(`--features pixels`: the raw patches the ViT embeds).
+A patch's token is its nearest centroid in a k-means codebook (K=8192) fitted to 10% of the
+patch features: CLIP ResNet `layer4` at 32*G px, one per cell of a G x G grid (`--features
+pixels`: the ViT's raw patches).
 
     python tokenizer.py --data demo --split train --out runs/tok_train       # ~20 s on a CPU
     python tokenizer.py --data demo --split val --codebook runs/tok_train --out runs/tok_val
@@ -13,9 +13,9 @@ of the patch features: the CLIP ResNet's `layer4` at 32*G px, one per patch of a
     torchrun --nproc_per_node=8 tokenizer.py --data /path/imagenet --split val \\
         --codebook tokens/in1k_rn50x64 --out tokens/in1k_rn50x64_val
 
-Writes <out>/tokens.npy (uint16 [N, G, G]), codebook.npy (float32 [K, C]), meta.json. Each
-rank takes a share of the images; features are sampled by global id and k-means all-reduces its
-sums, so N processes fit the codebook of one (up to float error).
+Writes <out>/tokens.npy (uint16 [N, G, G]), codebook.npy (float32 [K, C]), meta.json. Features
+are sampled by global id and k-means all-reduces its sums, so N processes fit the codebook of one
+(up to float error).
 """
 import argparse
 import json
@@ -28,7 +28,6 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -40,7 +39,7 @@ import training
 # Collectives that also run as one process.
 
 
-def world():  # (rank, world size); (0, 1) outside torch.distributed
+def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -51,7 +50,7 @@ def all_reduce_sum(t):
 
 
 def all_gather_cat(t):
-    """Every rank's `t` (any number of rows), concatenated in rank order, on every rank."""
+    """Every rank's rows of t (any number), in rank order, on every rank."""
     if world()[1] == 1:
         return t
     n = torch.tensor([len(t)], device=t.device)
@@ -80,8 +79,8 @@ def id_uniform(ids, seed, stream):
 
 
 def assign(x, centroids, chunk=None):
-    """(index [n], squared distance [n]) of the nearest centroid to each row of x [n, C], in
-    blocks of rows ([rows, K] ~256 MB), in float32 on the centroids' device."""
+    """(index [n], squared distance [n]) of each row's nearest centroid, in float32 on the
+    centroids' device, in blocks of rows ([rows, K] ~256 MB)."""
     c = centroids.float()
     c2 = (c * c).sum(1)  # [K]
     index, dist2 = [], []
@@ -117,10 +116,9 @@ def kmeans_plusplus(x, k, generator):
 
 def kmeans(x, k, iters=20, seed=0, init='k-means++', ids=None, init_points=65536, device=None,
            progress=False):
-    """Lloyd's k-means on x [n, C], this rank's rows (global ids `ids`): centroids [K, C] and
-    inertia [iters + 1] (before each update; the last is scikit-learn's). `init`: [K, C], or
-    k-means++ on rank 0 over ~max(init_points, 16 K) points picked by id. An empty cluster moves
-    to the farthest point (as scikit-learn)."""
+    """Lloyd's k-means on this rank's rows x [n, C] (global ids `ids`): centroids [K, C] and the
+    inertia before each update [iters + 1]. `init`: [K, C], or k-means++ on rank 0 over
+    ~max(init_points, 16 K) points picked by id."""
     rank, world_size = world()
     device = torch.device(device or x.device)
     ids = torch.arange(len(x)) if ids is None else ids
@@ -146,7 +144,7 @@ def kmeans(x, k, iters=20, seed=0, init='k-means++', ids=None, init_points=65536
     for step in tqdm(range(iters + 1), desc='k-means', disable=not progress or rank != 0):
         index, dist2 = assign(x, centroids)
         inertia.append(float(all_reduce_sum(dist2.double().sum())))
-        if step == iters:  # the final inertia only
+        if step == iters:
             break
         sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=device)
         rows = max(1, 2 ** 26 // k)  # as assign's blocks
@@ -185,15 +183,15 @@ def clip_features(model, images):
 
 
 def feature_pipeline(args, device):
-    """(transform, images -> features, image size, C); images are cut as the ViT's are, then
-    normalised by batch on the device (per image in the loader, small ops are slow)."""
+    """(transform, images -> features, image size, C): images cut as the ViT's, normalised by
+    batch on the device (small per-image ops in the loader are slow)."""
     if args.features == 'pixels':
         size, norm = args.patch * args.grid, (data.IMAGENET_MEAN, data.IMAGENET_STD)
         features, dim = partial(pixel_features, patch=args.patch), 3 * args.patch ** 2
     else:
         try:
             model = clip_model.load(args.clip, device)
-        except SystemExit as e:  # one line, naming the flag
+        except SystemExit as e:
             raise SystemExit(f'tokenizer.py: --clip: {e}') from None
         size, norm = 32 * args.grid, (clip_model.IMAGE_MEAN, clip_model.IMAGE_STD)
         features, dim = partial(clip_features, model), 32 * model.config.vision_width
@@ -218,19 +216,19 @@ def get_args_parser():
     g.add_argument('--split', default='train', choices=data.SPLITS,
                    help='fit on train; tokenize val with --codebook [train]')
     g.add_argument('--data-root', default='data', help='torchvision download dir [data]')
-    g.add_argument('--out', required=True, help='dir for tokens.npy, codebook.npy, meta.json')
+    g.add_argument('--out', required=True, help='dir for the token files')
     g = p.add_argument_group('features (demo: pixels, grid 8, patch 4; --codebook: its own)')
     g.add_argument('--features', choices=('clip', 'pixels'),
                    help='clip: CLIP layer4 (paper); pixels: raw ViT patches [clip]')
-    g.add_argument('--clip', help=f'a CLIP ResNet that downloads ({", ".join(clip_model.MODELS)}) '
-                   'or an OpenAI TorchScript archive / state dict; paper: RN50x64 [RN50]')
-    g.add_argument('--grid', type=int, help='tokens per side G (CLIP at 32*G px); paper: 14 [14]')
+    g.add_argument('--clip', help=f'{", ".join(clip_model.MODELS)} or an OpenAI checkpoint file; '
+                   'paper: RN50x64 [RN50]')
+    g.add_argument('--grid', type=int, help='tokens per side G (CLIP at 32*G px) [14]')
     g.add_argument('--patch', type=int, help='pixels: the ViT patch, images at patch*G px [16]')
     g = p.add_argument_group('k-means (demo: vocab 512; --codebook: its own)')
-    g.add_argument('--vocab', type=int, help='codebook size K; paper: 8192 [8192]')
-    g.add_argument('--sample', type=float, help='fraction of features fitted; paper: 0.1 [0.1]')
-    g.add_argument('--iters', type=int, help='Lloyd iterations; paper: 20 [20]')
-    g.add_argument('--seed', type=int, help='seeds the feature sample and k-means++ [0]')
+    g.add_argument('--vocab', type=int, help='codebook size K [8192]')
+    g.add_argument('--sample', type=float, help='fraction of features fitted [0.1]')
+    g.add_argument('--iters', type=int, help='Lloyd iterations [20]')
+    g.add_argument('--seed', type=int, help='of the feature sample and k-means++ [0]')
     g.add_argument('--codebook', help='token dir of a fitted codebook: only assign (val split)')
     g = p.add_argument_group('run')
     g.add_argument('--batch-size', type=int,
@@ -282,14 +280,14 @@ def resolve_args(args):
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     if args.features == 'clip':
         if args.patch is not None:
-            raise ValueError('--patch applies to --features pixels; CLIP features are at 32*G px')
+            raise ValueError('--patch applies to --features pixels: drop it')
         args.clip = args.clip or 'RN50'
     elif args.clip is not None:
-        raise ValueError('--clip applies to --features clip')
+        raise ValueError('--clip applies to --features clip: drop it')
     elif args.patch is None:
         args.patch = 4 if demo else 16
     if not 0 < args.sample <= 1:
-        raise ValueError(f'--sample {args.sample} is not in (0, 1]: it is a fraction of features')
+        raise ValueError(f'--sample {args.sample} is not in (0, 1]: it is a fraction')
     if not 1 <= args.vocab <= 65536:
         raise ValueError(f'--vocab {args.vocab} is not in 1..65536 (tokens are stored as uint16)')
     training.check_args(args, positive=('grid', 'patch', 'batch_size'),
@@ -300,7 +298,7 @@ def resolve_args(args):
 def patch_features(loader, features_of, desc):
     """(image indices [B], features [B*G*G, C]) per batch of this rank's readable images."""
     for batch in tqdm(loader, desc=desc, disable=world()[0] != 0):
-        if batch is not None:  # None: no image of the batch was readable
+        if batch is not None:  # None: no readable image
             index, images, _ = batch
             f = features_of(images)  # [B, G, G, C]
             yield index, f.reshape(-1, f.shape[-1])
@@ -347,7 +345,7 @@ def tokenize_images(batches, codebook, G, device):
 
 
 def write_token_files(args, n, rows, tokens, codebook, fit, image_size, seconds):
-    """Rank 0: the three files and a summary; returns meta (what meta.json holds)."""
+    """Rank 0: writes the three files, prints a summary, returns meta."""
     G, K = args.grid, args.vocab
     grid = np.zeros((n, G, G), dtype=np.uint16)
     grid[rows.numpy()] = tokens.numpy().reshape(-1, G, G)
@@ -370,15 +368,15 @@ def write_token_files(args, n, rows, tokens, codebook, fit, image_size, seconds)
 
 
 def main(argv=None):
-    """Run the command on every rank; returns meta (what meta.json holds) on rank 0, else None."""
+    """Run on every rank; returns meta (what meta.json holds) on rank 0, else None."""
     try:
         args = resolve_args(get_args_parser().parse_args(argv))
         dataset = data.build_dataset(args.data, args.split, args.data_root)
     except (ValueError, OSError) as e:
         raise SystemExit(f'tokenizer.py: {e}') from None
-    created = 'RANK' in os.environ and not dist.is_initialized()  # else the caller's group, if any
-    device = training.setup_distributed(args.device).device
-    rank, world_size = world()
+    created = 'RANK' in os.environ and not dist.is_initialized()  # else the caller's, if any
+    d = training.setup_distributed(args.device)
+    rank, world_size, device = d.rank, d.world_size, d.device
     training.print_run(args)
     start = time.time()
     dataset.transform, features_of, image_size, dim = feature_pipeline(args, device)
@@ -390,9 +388,7 @@ def main(argv=None):
         meta = read_meta(args.codebook)
         fit = {k: meta[k] for k in ('sample', 'iters', 'seed', 'features_fitted', 'inertia')}
     mine = torch.arange(rank, len(dataset), world_size)  # this rank's images
-    loader = DataLoader(Subset(data.IndexedDataset(dataset), mine.tolist()), args.batch_size,
-                        num_workers=args.workers, collate_fn=data.collate_skip,
-                        pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
+    loader = training.eval_loader(data.IndexedDataset(dataset), args.batch_size, args.workers, d)
     batches = partial(patch_features, loader, features_of)  # desc -> a pass over them
     if not args.codebook:
         codebook, fit = fit_codebook(args, batches('features'), mine, dim, device)
@@ -407,8 +403,8 @@ def main(argv=None):
 
 
 def ensure_demo_tokens(out, split, device, codebook=None):
-    """The demo's pixel tokens in `out`, made on first use (~20 s on a CPU): pretrain.py and
-    probe.py need no tokenizer command."""
+    """The demo's pixel tokens in `out`, made on first use (~20 s on a CPU) so that pretrain.py
+    and probe.py need no tokenizer command."""
     if not os.path.isfile(os.path.join(out, 'tokens.npy')):
         argv = ['--data', 'demo', '--split', split, '--out', out,
                 *(['--codebook', codebook] if codebook else ['--features', 'pixels'])]
