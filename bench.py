@@ -8,8 +8,8 @@ code's naive two-stream step: time, peak memory, FLOPs, MFU, masks' cost; then S
     python bench.py --device cuda --compile --json gpu.jsonl  # GPU: ViT-B, batch 128, bf16
     python bench.py --profile --no-tokenizer                  # plus torch.profiler's top ops
 
-Variants are timed in turns (a step of each and a matmul per round), so on a shared machine all
-see the same load. ± is the inter-quartile range.
+Variants are timed in turns, a step of each and a matmul per round, so all see the same load.
+± is the inter-quartile range.
 """
 import argparse
 import contextlib
@@ -31,8 +31,8 @@ import tokenizer
 import training
 from model import MODEL_CONFIGS, OBJECTIVES, Pretrainer, build_masks, create_model
 
-# The independent oracle: two-stream attention (Sec. 4.1, Eq. 3) as research code writes it, on
-# the Pretrainer's own weights; tests/test_bench.py checks it has model.py's loss and gradients.
+# The oracle: two-stream attention (Sec. 4.1, Eq. 3) as research code writes it, on the
+# Pretrainer's weights; tests/test_bench.py checks it has model.py's loss and gradients.
 
 
 def naive_masks(perm, cut, objective, num_heads, device):
@@ -50,59 +50,50 @@ def naive_masks(perm, cut, objective, num_heads, device):
         is_context = (r < cut) & ~is_token  # CLS + visible
         is_target = ~is_context & ~is_token
         row_is_target, not_later = is_target[:, None], r[None, :] <= r[:, None]  # [row, column]
-        content_ok = (is_context  # seen by every row
-                      | (row_is_target & is_target & not_later)  # targets up to itself
-                      | (is_token & ~(row_is_target & not_later)))  # later targets' tokens
-        r_query = rank[targets][:, None]  # (M, 1)
-        query_ok = is_context | (is_target & (r < r_query)) | (is_token & (r >= r_query))  # Eq. 2
-        content.append(content_ok)
-        query.append(query_ok)
+        content.append(is_context  # seen by every row
+                       | (row_is_target & is_target & not_later)  # targets up to itself
+                       | (is_token & ~(row_is_target & not_later)))  # later targets' tokens
+        r_query = rank[targets][:, None]  # (M, 1); Eq. 2:
+        query.append(is_context | (is_target & (r < r_query)) | (is_token & (r >= r_query)))
     return [torch.zeros(ok.shape).masked_fill(~ok, float('-inf'))[:, None]
             .repeat(1, num_heads, 1, 1).to(device) for ok in map(torch.stack, (content, query))]
 
 
-class NaiveTwoStream:
-    """A Pretrainer's two-stream step, h and g separate, both updated in every block: logits
-    (B, M, K) for the targets in raster order."""
+def naive_attention(attn, x, context, mask):
+    """softmax(q k^T / sqrt(hd) + mask) v: q from x, k and v from context."""
+    w, b, H = attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3), attn.num_heads
+    q, k, v = (F.linear(y, w[i], b[i]).unflatten(-1, (H, -1)).transpose(1, 2)  # (B, H, T, hd)
+               for i, y in enumerate((x, context, context)))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + mask  # (B, H, T, L)
+    return attn.proj((scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2))
 
-    def __init__(self, pre):
-        self.pre = pre
 
-    @staticmethod
-    def attention(attn, x, context, mask):
-        """softmax(q k^T / sqrt(hd) + mask) v: queries from x, keys and values from context."""
-        w, b, H = attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3), attn.num_heads
-        q, k, v = (F.linear(y, w[i], b[i]).unflatten(-1, (H, -1)).transpose(1, 2)  # (B, H, T, hd)
-                   for i, y in enumerate((x, context, context)))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + mask  # (B, H, T, L)
-        return attn.proj((scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2))
+def naive_block(blk, h, g, content_mask, query_mask, keep):
+    """Eq. 3: h attends to h under the content mask, g attends to h under the query mask."""
+    h_in, g_in = blk.norm1(h), blk.norm1(g)
+    h = h + keep * blk.ls1(naive_attention(blk.attn, h_in, h_in, content_mask))
+    g = g + keep * blk.ls1(naive_attention(blk.attn, g_in, h_in, query_mask))
+    h = h + keep * blk.ls2(blk.mlp(blk.norm2(h)))
+    g = g + keep * blk.ls2(blk.mlp(blk.norm2(g)))
+    return h, g
 
-    def block(self, blk, h, g, content_mask, query_mask, keep):
-        """Eq. 3: h attends to h under the content mask, g attends to h under the query mask."""
-        h_in, g_in = blk.norm1(h), blk.norm1(g)
-        h_attended = self.attention(blk.attn, h_in, h_in, content_mask)
-        g_attended = self.attention(blk.attn, g_in, h_in, query_mask)
-        h, g = h + keep * blk.ls1(h_attended), g + keep * blk.ls1(g_attended)
-        h = h + keep * blk.ls2(blk.mlp(blk.norm2(h)))
-        g = g + keep * blk.ls2(blk.mlp(blk.norm2(g)))
-        return h, g
 
-    def __call__(self, images, tokens, perm, content_mask, query_mask, drop_draws):
-        pre, vit = self.pre, self.pre.backbone
-        B = images.shape[0]
-        targets = perm[:, pre.cut:].sort(dim=1).values  # (B, M)
-        patches = vit.patch_embed(images) + vit.pos_embed[:, 1:]  # (B, N, D)
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(B, -1, -1)
-        g = pre.mask_token + vit.pos_embed[0, 1:][targets]  # (B, M, D), Sec. 4.1
-        tokens_in_h = [g] if pre.objective == 'mapet' else []  # Eq. 2
-        h = torch.cat([cls, patches, *tokens_in_h], dim=1)  # (B, L, D)
-        for i, blk in enumerate(vit.blocks):
-            rate = blk.drop_path.p if pre.training else 0.0
-            keep = (drop_draws[:, i, None, None] >= rate) / (1 - rate)  # (B, 1, 1), as model.py
-            h, g = self.block(blk, h, g, content_mask, query_mask, keep)
-        logits = pre.decoder(pre.norm(g))  # (B, M, K)
-        labels = tokens.reshape(B, -1).long().gather(1, targets)
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+def naive_step(pre, images, tokens, perm, content_mask, query_mask, drop_draws):
+    """A Pretrainer's step, h and g separate: logits (B, M, K) of the targets in raster order."""
+    vit, B = pre.backbone, images.shape[0]
+    targets = perm[:, pre.cut:].sort(dim=1).values  # (B, M)
+    patches = vit.patch_embed(images) + vit.pos_embed[:, 1:]  # (B, N, D)
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(B, -1, -1)
+    g = pre.mask_token + vit.pos_embed[0, 1:][targets]  # (B, M, D), Sec. 4.1
+    tokens_in_h = [g] if pre.objective == 'mapet' else []  # Eq. 2
+    h = torch.cat([cls, patches, *tokens_in_h], dim=1)  # (B, L, D)
+    for i, blk in enumerate(vit.blocks):
+        rate = blk.drop_path.p if pre.training else 0.0
+        keep = (drop_draws[:, i, None, None] >= rate) / (1 - rate)  # (B, 1, 1), as model.py
+        h, g = naive_block(blk, h, g, content_mask, query_mask, keep)
+    logits = pre.decoder(pre.norm(g))  # (B, M, K)
+    labels = tokens.reshape(B, -1).long().gather(1, targets)
+    return logits, F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 # Measuring: time, FLOPs, memory.
@@ -122,8 +113,7 @@ def sdpa_flops(q, k, v, *args, **kwargs):
     return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
 
 
-# FlopCounterMode counts the GPU attention kernels, not the CPU one: add it (backward = 2x
-# forward, as it counts on a GPU).
+# FlopCounterMode counts the GPU attention kernels, not the CPU one: add it (backward 2x forward).
 CPU_SDPA_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
@@ -157,8 +147,7 @@ def profiler(**kwargs):
 
 
 def step_memory(fn, device):
-    """Peak bytes fn() holds. On a CPU, the running sum of the profiler's allocations and frees
-    (it reports no free of a block allocated before it started)."""
+    """Peak bytes fn() holds; on a CPU, the running sum of the profiler's allocations and frees."""
     gc.collect()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -189,7 +178,7 @@ class Variant:
 
 
 def variants_for(objective, args, images, tokens):
-    """model.py's step (maybe compiled too) and the naive one's: the same weights and inputs."""
+    """model.py's step (and compiled) and the naive one's, on the same weights and inputs."""
     torch.manual_seed(0)  # every objective starts from the same weights
     vit = create_model(args.model, drop_path_rate=0.1, **({'depth': 2} if args.quick else {}))
     device = images.device
@@ -209,12 +198,13 @@ def variants_for(objective, args, images, tokens):
     if args.compile:
         variants.append(Variant(f'{objective} ours compiled', pre, torch.compile(pre), ours, args))
     if pre.two_stream and args.reference:
-        variants.append(Variant(f'{objective} naive', pre, NaiveTwoStream(pre), naive, args))
+        variants.append(Variant(f'{objective} naive', pre, functools.partial(naive_step, pre),
+                                naive, args))
     return variants
 
 
 def time_in_turns(variants, matmul, args):
-    """A step of each variant and a matmul per round: v.times, the matmul's (warm-up dropped)."""
+    """Fills v.times; returns the matmul's times (warm-up dropped)."""
     for v in variants:
         if v.compiled:  # the first call compiles: never a timed step
             print(f'compiled {v.name} in {seconds(v.step):.0f} s')
@@ -229,7 +219,7 @@ def time_in_turns(variants, matmul, args):
 
 
 def step_row(v, args, peak_flops, flops):
-    if v.compiled:  # FlopCounterMode cannot see inside a compiled graph: the eager count holds
+    if v.compiled:  # FlopCounterMode cannot see a compiled graph: the eager count holds
         total, backend = flops[v.objective][0], 'compiled ' + flops[v.objective][1]
     else:
         total, backend = flops[v.objective] = count_flops(v.step)
@@ -237,7 +227,7 @@ def step_row(v, args, peak_flops, flops):
     v.pre.zero_grad(set_to_none=True)  # the step's gradients count as its memory
     memory = step_memory(lambda: v.step(fresh=True), v.device)
     pre, mask_ms = v.pre, None
-    if pre.two_stream:  # ours looks up build_masks' cached pair and stacks it, as model.py does
+    if pre.two_stream:  # ours stacks build_masks' cached pair, as model.py does
         def ours():
             return torch.cat(build_masks(v.objective, pre.num_patches, pre.cut, v.device))
         build, repeats = (v.prepare, 5) if v.impl == 'naive' else (ours, 200)
@@ -262,7 +252,7 @@ def table_line(r=None):
 
 def targets(rows, gpu):
     """(name, value, op, target): DESIGN's for mapet (ViT-T, fp32, 2 CPU cores; ViT-B, bf16, an
-    H100), pim's beside them."""
+    H100), and pim's."""
     get, checks = {r['variant']: r for r in rows}.get, []
     for obj in ('pim', 'mapet'):
         ours, naive = get(f'{obj} ours'), get(f'{obj} naive')
@@ -285,8 +275,8 @@ def targets(rows, gpu):
 
 
 def tokenizer_speed(args, device):
-    """Sec. 4.2: CLIP RN50's features/s (random weights), a Lloyd iteration's assignment over 1M
-    x 2048 points, K = 8192 (a CPU: 8192 points, scaled)."""
+    """Sec. 4.2: CLIP RN50's features/s (random weights); a Lloyd iteration on 1M x 2048 points,
+    K = 8192 (a CPU: 8192 points, scaled)."""
     quick, gpu, repeats = args.quick, device.type == 'cuda', 2 if args.quick else 3
     tiny = {'vision_layers': (1, 1, 1, 1), 'vision_width': 8, 'embed_dim': 64,
             'transformer_width': 64, 'transformer_layers': 1}
@@ -313,26 +303,27 @@ def tokenizer_speed(args, device):
 def get_args_parser():
     p = argparse.ArgumentParser('bench', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', choices=list(MODEL_CONFIGS), help='[tiny; base on a GPU]')
-    p.add_argument('--batch', type=int, help='[8; 128 on a GPU] (paper: 2048)')
-    p.add_argument('--dtype', default='auto', choices=['auto', *training.DTYPES],
-                   help='[auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on a CPU]')
-    p.add_argument('--vocab-size', type=int, default=8192, help='visual tokens (paper: 8192)')
-    p.add_argument('--cut', type=int, help='visible patches of pim/mapet [0.3 N, Tab. 6]')
-    p.add_argument('--objectives', nargs='+', default=list(OBJECTIVES), choices=OBJECTIVES)
-    p.add_argument('--reference', action=argparse.BooleanOptionalAction, default=True,
-                   help='time the naive reference too')
-    p.add_argument('--compile', action='store_true', help='also time torch.compile (minutes)')
-    p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N')
-    p.add_argument('--threads', type=int, help="CPU threads [torch's choice]")
-    p.add_argument('--repeats', type=int, help='timed steps per variant [10; quick 2]')
-    p.add_argument('--warmup', type=int, help='untimed steps per variant [2; quick 0]')
-    p.add_argument('--profile', action='store_true', help="torch.profiler's top ops per variant")
-    p.add_argument('--tokenizer', action=argparse.BooleanOptionalAction, default=True,
-                   help='time CLIP and k-means too (Sec. 4.2)')
-    p.add_argument('--clip-size', type=int, help='CLIP input size [448: a 14x14 grid]')
-    p.add_argument('--quick', action='store_true', help='smoke test: micro ViT, depth 2, batch 2')
-    p.add_argument('--json', help='write the rows as JSON lines to this file')
+    add = p.add_argument
+    add('--model', choices=list(MODEL_CONFIGS), help='[tiny; base on a GPU]')
+    add('--batch', type=int, help='[8; 128 on a GPU] (paper: 2048)')
+    add('--dtype', default='auto', choices=['auto', *training.DTYPES],
+        help='[auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on a CPU]')
+    add('--vocab-size', type=int, default=8192, help='visual tokens (paper: 8192)')
+    add('--cut', type=int, help='visible patches of pim/mapet [0.3 N, Tab. 6]')
+    add('--objectives', nargs='+', default=list(OBJECTIVES), choices=OBJECTIVES)
+    add('--reference', action=argparse.BooleanOptionalAction, default=True,
+        help='time the naive reference too')
+    add('--compile', action='store_true', help='also time torch.compile (minutes)')
+    add('--device', default='cpu', help='cpu | cuda | cuda:N')
+    add('--threads', type=int, help="CPU threads [torch's choice]")
+    add('--repeats', type=int, help='timed steps per variant [10; quick 2]')
+    add('--warmup', type=int, help='untimed steps per variant [2; quick 0]')
+    add('--profile', action='store_true', help="torch.profiler's top ops per variant")
+    add('--tokenizer', action=argparse.BooleanOptionalAction, default=True,
+        help='time CLIP and k-means too (Sec. 4.2)')
+    add('--clip-size', type=int, help='CLIP input size [448: a 14x14 grid]')
+    add('--quick', action='store_true', help='smoke test: micro ViT, depth 2, batch 2')
+    add('--json', help='write the rows as JSON lines here')
     return p
 
 
@@ -344,7 +335,8 @@ def resolve_args(args):
                 'batch': 2 if q else 128 if gpu else 8, 'warmup': 0 if q else 2,
                 'clip_size': 64 if q else 448}
     for name, value in defaults.items():
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ('batch', 'repeats', 'vocab_size', 'threads', 'clip_size', 'warmup'):
         value, least = getattr(args, name), 0 if name == 'warmup' else 1
         if value is not None and value < least:
@@ -403,7 +395,7 @@ def main(argv=None):
     args = resolve_args(get_args_parser().parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, cfg, rows = torch.device(args.device), MODEL_CONFIGS[args.model], []
+    device, rows = torch.device(args.device), []
 
     def emit(row, text=None):  # keep the row for --json; print it as given or as `kind: key value`
         rows.append(row)
@@ -411,9 +403,9 @@ def main(argv=None):
         print(text or f'{row["kind"]}: ' + ', '.join(fields[1:]))
 
     emit({'kind': 'machine', 'device': machine_name(device), 'threads': torch.get_num_threads(),
-          'torch': torch.__version__, 'model': args.model, 'img_size': cfg['img_size'],
-          'batch': args.batch, 'dtype': args.dtype, 'vocabulary': args.vocab_size,
-          'repeats': args.repeats})
+          'torch': torch.__version__, 'model': args.model,
+          'img_size': MODEL_CONFIGS[args.model]['img_size'], 'batch': args.batch,
+          'dtype': args.dtype, 'vocabulary': args.vocab_size, 'repeats': args.repeats})
     bench_steps(args, device, emit)
     for row in tokenizer_speed(args, device) if args.tokenizer else []:
         emit(row)

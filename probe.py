@@ -10,8 +10,8 @@ classification (Sec. 5.3, Tab. 4: how the tokenizers are compared).
     torchrun --nproc_per_node=8 probe.py --method tokens-vit --data /path/imagenet \\
         --tokens tokens/in1k_rn50x64 --val-tokens tokens/in1k_rn50x64_val
 
-linear: a Linear on the frozen backbone's features of random crops and flips (App. D); --cached:
-of centre crops, extracted once (fast; reported as linear-cached). tokens-*: the tokens alone.
+linear: a Linear on frozen features of random crops and flips (App. D), or with --cached of
+centre crops, extracted once. tokens-*: the tokens alone.
 """
 import argparse
 import math
@@ -45,7 +45,7 @@ PAPER = {'epochs': 50, 'batch_size': 1024, 'warmup_epochs': 5, 'cached': False,
          'workers': training.default_workers(), **data.PAPER_CROPS}
 DEMO = {'epochs': 50, 'batch_size': 256, 'warmup_epochs': 1, 'workers': 0, 'cached': True,
         'tokens': data.DEMO_TOKENS, 'val_tokens': data.DEMO_TOKENS + '_val', **data.DEMO_CROPS}
-OWN = {'linear': {'checkpoint', 'cached', 'crop_scale', 'eval_crop', 'model'},   # their flags
+OWN = {'linear': {'checkpoint', 'cached', 'crop_scale', 'eval_crop', 'model'},  # their flags
        'tokens-mlp': {'tokens', 'val_tokens', 'embed_dim', 'hidden'},
        'tokens-vit': {'tokens', 'val_tokens', 'model'}}
 
@@ -78,7 +78,7 @@ def get_args_parser():
     add('--weight-decay', type=float, help='[linear 1e-4, tokens-* 0.05]')
     add('--warmup-epochs', type=float, help='from lr 1e-6 [5; demo: 1]')
     add('--dtype', default='auto', choices=('auto', *training.DTYPES),
-        help='[auto: bfloat16 on Ampere+, float16 on older GPUs, float32 on CPU]')
+        help='[auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU]')
     add = p.add_argument_group('run').add_argument
     add('--device', help='cuda | cpu | cuda:N [cuda if available]')
     add('--seed', type=int, default=0, help='[0]')
@@ -133,7 +133,7 @@ def tokens_fix(args, *splits):
 
 
 class LinearProbe(nn.Module):
-    """A Linear on the frozen backbone's pooled features (Sec. 5.1), the backbone in eval mode."""
+    """The backbone frozen and in eval mode (no drop path) (Sec. 5.1)."""
 
     def __init__(self, backbone, num_classes):
         super().__init__()
@@ -149,14 +149,14 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def features(self, images):
-        return self.backbone.pool(self.backbone.forward_features(images))   # (B, D)
+        return self.backbone.pool(self.backbone.forward_features(images))  # (B, D)
 
     def forward(self, images):
         return self.head(self.features(images))
 
 
 class TokenMLP(nn.Module):
-    """Tab. 4's MLP: embedding -> Linear -> ReLU -> mean over the tokens -> Linear."""
+    """Tab. 4's MLP: the tokens' embeddings, each through a hidden layer, averaged."""
 
     def __init__(self, vocab_size, num_classes, embed_dim, hidden):
         super().__init__()
@@ -165,8 +165,8 @@ class TokenMLP(nn.Module):
         self.apply(model.init_weights)
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def forward(self, tokens):                                               # (B, N) int32
-        return self.head(F.relu(self.fc(self.embed(tokens))).mean(dim=1))   # (B, classes)
+    def forward(self, tokens):  # (B, N) int32 -> (B, classes)
+        return self.head(F.relu(self.fc(self.embed(tokens))).mean(dim=1))
 
 
 # Data: augmented images, features extracted once, or tokens.
@@ -216,25 +216,22 @@ def linear_probe(args, d, micro, dtype):
     val = data.build_dataset(args.data, 'val', args.data_root, centre)
     probe = LinearProbe(backbone, len(val.classes)).to(d.device)
     if not args.cached:  # App. D
-        augment = transforms.Compose([
+        train = data.build_dataset(args.data, 'train', args.data_root, transforms.Compose([
             transforms.RandomResizedCrop(size, scale=(args.crop_scale, 1.0),
                                          interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
-        train = data.build_dataset(args.data, 'train', args.data_root, augment)
+            transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
         return (probe, train_loader(train, micro, args, d, seeded=True),
                 training.eval_loader(val, micro, args.workers, d))
     print0('--cached: features of centre crops, extracted once (reported as linear-cached)')
     train = data.build_dataset(args.data, 'train', args.data_root, centre)
-    features = extract(probe, train, micro, args, d, dtype)
-    shortest = torch.tensor(len(features[1]), device=d.device)   # as many steps on every rank
+    features = extract(probe, train, micro, args, d, dtype)  # this rank's shard already
+    shortest = torch.tensor(len(features[1]), device=d.device)  # as many steps on every rank
     if dist.is_initialized():
         dist.all_reduce(shortest, op=dist.ReduceOp.MIN)
-    # the features are this rank's shards already; training.evaluate sums the counts
     train = TensorDataset(*(t[:shortest] for t in features))
-    train = train_loader(train, micro, args, d, shard=False)
-    return probe.head, train, DataLoader(TensorDataset(*extract(probe, val, micro, args, d, dtype)),
-                                         micro)
+    val = TensorDataset(*extract(probe, val, micro, args, d, dtype))  # evaluate sums the counts
+    return probe.head, train_loader(train, micro, args, d, shard=False), DataLoader(val, micro)
 
 
 def token_set(args, split, token_dir):
@@ -251,7 +248,7 @@ def token_set(args, split, token_dir):
     # no image decoded: ImageFolder, CIFAR; demo, STL10; Food101, Aircraft; Cars
     labels = [y for _, y in dataset._samples] if hasattr(dataset, '_samples') else next(
         getattr(dataset, a) for a in ('targets', 'labels', '_labels') if hasattr(dataset, a))
-    keep = np.setdiff1d(np.arange(len(dataset)), meta.get('skipped', []))   # unreadable images
+    keep = np.setdiff1d(np.arange(len(dataset)), meta.get('skipped', []))  # unreadable images
     pairs = TensorDataset(torch.from_numpy(tokens[keep].astype(np.int32)).flatten(1),
                           torch.as_tensor(np.asarray(labels)[keep]))
     return pairs, meta['vocab_size'], meta['grid'], dataset.classes
@@ -292,13 +289,13 @@ def run(args, d):
     training.print_run(args, d)
     training.seed_everything(args.seed, d.rank)
     dtype, micro = training.resolve_dtype(args.dtype, d.device), args.batch_size // W
-    method = 'linear-cached' if args.method == 'linear' and args.cached else args.method
+    method = 'linear-cached' if args.cached else args.method
     try:
         classifier, loader, val_loader = linear_probe(args, d, micro, dtype) \
             if args.method == 'linear' else tokens_only(args, d, micro)
     except ValueError as e:
         raise SystemExit(f'probe.py: {e}') from None
-    steps, n_train = len(loader), len(loader.sampler) * W   # whole global batches
+    steps, n_train = len(loader), len(loader.sampler) * W  # whole global batches
     if steps == 0:
         raise SystemExit(f'probe.py: {n_train} training images, fewer than one --batch-size '
                          f'{args.batch_size}: pass --batch-size {n_train // W * W or W}')
@@ -317,11 +314,11 @@ def run(args, d):
             if batch is None:
                 raise SystemExit(f'probe.py: every image of a batch in epoch {epoch + 1} is '
                                  'unreadable: check the dataset files')
-            lr = training.lr_at(step, total, warmup, peak_lr, 1e-6, 1e-6)   # min lr, warmup lr
+            lr = training.lr_at(step, total, warmup, peak_lr, 1e-6, 1e-6)  # min lr, warmup lr
             for group in optimizer.param_groups:
                 group['lr'] = lr
             with training.autocast(dtype, d.device):
-                logits = net(batch[0].to(d.device))   # (B, classes)
+                logits = net(batch[0].to(d.device))  # (B, classes)
             loss = F.cross_entropy(logits.float(), batch[1].to(d.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -330,7 +327,7 @@ def run(args, d):
             bar.update()
         loss = torch.stack(losses).mean() / W
         if dist.is_initialized():
-            dist.all_reduce(loss)   # every rank sees the same loss, stops alike
+            dist.all_reduce(loss)  # every rank sees the same loss, stops alike
         if not torch.isfinite(loss):
             raise SystemExit(f'probe.py: non-finite loss in epoch {epoch + 1}: pass an --lr '
                              f'below {args.lr:g}')
@@ -338,11 +335,10 @@ def run(args, d):
     bar.close()
     result = training.evaluate(classifier, val_loader, d.device, dtype)
     seconds = time.time() - start
-    source = args.checkpoint if args.method == 'linear' else args.tokens
     training.record_result(
-        args.results, method=method, checkpoint=source, data=args.data, model=args.model,
-        top1=result['top1'], top5=result['top5'], images=result['count'], epochs=args.epochs,
-        seed=args.seed, seconds=round(seconds, 1))
+        args.results, method=method, checkpoint=args.checkpoint or args.tokens, data=args.data,
+        model=args.model, top1=result['top1'], top5=result['top5'], images=result['count'],
+        epochs=args.epochs, seed=args.seed, seconds=round(seconds, 1))
     return dict(result, method=method, epochs=args.epochs, seconds=seconds)
 
 

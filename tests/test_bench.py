@@ -75,7 +75,7 @@ def test_naive_reference_has_model_loss_and_gradients(objective, drop_path):
     pre.zero_grad(set_to_none=True)
 
     masks = bench.naive_masks(perm, CUT, objective, HEADS, 'cpu')
-    naive_logits, naive_loss = bench.NaiveTwoStream(pre)(images, tokens, perm, *masks, draws)
+    naive_logits, naive_loss = bench.naive_step(pre, images, tokens, perm, *masks, draws)
     naive_loss.backward()
     naive_grads = {n: p.grad.clone() for n, p in pre.named_parameters() if p.grad is not None}
 
@@ -91,7 +91,7 @@ def test_naive_reference_has_model_loss_and_gradients(objective, drop_path):
     if drop_path:  # the draws mattered: other draws drop other samples and change both losses
         other = 1 - draws
         assert not torch.allclose(pre(images, tokens, perm=perm, drop_draws=other)[1], loss)
-        assert not torch.allclose(bench.NaiveTwoStream(pre)(images, tokens, perm, *masks, other)[1],
+        assert not torch.allclose(bench.naive_step(pre, images, tokens, perm, *masks, other)[1],
                                   loss)
 
 
