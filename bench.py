@@ -60,7 +60,7 @@ def naive_masks(perm, cut, objective, num_heads, device):
 
 
 def naive_attention(attn, x, context, mask):
-    """softmax(q k^T / sqrt(hd) + mask) v: q from x, k and v from context."""
+    """q from x, k and v from context."""
     w, b, H = attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3), attn.num_heads
     q, k, v = (F.linear(y, w[i], b[i]).unflatten(-1, (H, -1)).transpose(1, 2)  # (B, H, T, hd)
                for i, y in enumerate((x, context, context)))
@@ -69,7 +69,7 @@ def naive_attention(attn, x, context, mask):
 
 
 def naive_block(blk, h, g, content_mask, query_mask, keep):
-    """Eq. 3: h attends to h under the content mask, g attends to h under the query mask."""
+    """Eq. 3: h attends to h (content mask), g to h (query mask)."""
     h_in, g_in = blk.norm1(h), blk.norm1(g)
     h = h + keep * blk.ls1(naive_attention(blk.attn, h_in, h_in, content_mask))
     g = g + keep * blk.ls1(naive_attention(blk.attn, g_in, h_in, query_mask))
@@ -79,7 +79,7 @@ def naive_block(blk, h, g, content_mask, query_mask, keep):
 
 
 def naive_step(pre, images, tokens, perm, content_mask, query_mask, drop_draws):
-    """A Pretrainer's step, h and g separate: logits (B, M, K) of the targets in raster order."""
+    """A Pretrainer's step, h and g separate; targets in raster order."""
     vit, B = pre.backbone, images.shape[0]
     targets = perm[:, pre.cut:].sort(dim=1).values  # (B, M)
     patches = vit.patch_embed(images) + vit.pos_embed[:, 1:]  # (B, N, D)
@@ -94,9 +94,6 @@ def naive_step(pre, images, tokens, perm, content_mask, query_mask, drop_draws):
     logits = pre.decoder(pre.norm(g))  # (B, M, K)
     labels = tokens.reshape(B, -1).long().gather(1, targets)
     return logits, F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-# Measuring: time, FLOPs, memory.
 
 
 def seconds(fn):
@@ -122,7 +119,7 @@ CPU_SDPA_FLOPS = {
 
 
 def count_flops(step):
-    """FLOPs of one step, and its SDPA kernel (e.g. flash_attention_for_cpu; or math)."""
+    """FLOPs of one step, and its SDPA kernel (e.g. flash_attention_for_cpu)."""
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
         step()
     prefix = 'aten._scaled_dot_product_'
@@ -178,7 +175,7 @@ class Variant:
 
 
 def variants_for(objective, args, images, tokens):
-    """model.py's step (and compiled) and the naive one's, on the same weights and inputs."""
+    """model.py's step (and compiled) and the naive one, on the same weights and inputs."""
     torch.manual_seed(0)  # every objective starts from the same weights
     vit = create_model(args.model, drop_path_rate=0.1, **({'depth': 2} if args.quick else {}))
     device = images.device
@@ -190,7 +187,7 @@ def variants_for(objective, args, images, tokens):
     def ours():
         return images, tokens, perm, mask, draws
 
-    def naive():  # masks per batch
+    def naive():
         masks = naive_masks(perm, pre.cut, objective, vit.blocks[0].attn.num_heads, device)
         return images, tokens, perm, *masks, draws
 
@@ -204,7 +201,7 @@ def variants_for(objective, args, images, tokens):
 
 
 def time_in_turns(variants, matmul, args):
-    """Fills v.times; returns the matmul's times (warm-up dropped)."""
+    """Fills v.times; returns the matmul's."""
     for v in variants:
         if v.compiled:  # the first call compiles: never a timed step
             print(f'compiled {v.name} in {seconds(v.step):.0f} s')
@@ -219,7 +216,7 @@ def time_in_turns(variants, matmul, args):
 
 
 def step_row(v, args, peak_flops, flops):
-    if v.compiled:  # FlopCounterMode cannot see a compiled graph: the eager count holds
+    if v.compiled:  # FlopCounterMode cannot see a compiled graph
         total, backend = flops[v.objective][0], 'compiled ' + flops[v.objective][1]
     else:
         total, backend = flops[v.objective] = count_flops(v.step)
@@ -251,8 +248,7 @@ def table_line(r=None):
 
 
 def targets(rows, gpu):
-    """(name, value, op, target): DESIGN's for mapet (ViT-T, fp32, 2 CPU cores; ViT-B, bf16, an
-    H100), and pim's."""
+    """(name, value, op, target): DESIGN's (ViT-T, fp32, 2 CPU cores; ViT-B, bf16, an H100)."""
     get, checks = {r['variant']: r for r in rows}.get, []
     for obj in ('pim', 'mapet'):
         ours, naive = get(f'{obj} ours'), get(f'{obj} naive')
@@ -297,9 +293,6 @@ def tokenizer_speed(args, device):
              'iteration_s': s * points / n, 'tflop_s': 2 * n * C * K / s / 1e12})
 
 
-# The command.
-
-
 def get_args_parser():
     p = argparse.ArgumentParser('bench', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,7 +305,7 @@ def get_args_parser():
     add('--cut', type=int, help='visible patches of pim/mapet [0.3 N, Tab. 6]')
     add('--objectives', nargs='+', default=list(OBJECTIVES), choices=OBJECTIVES)
     add('--reference', action=argparse.BooleanOptionalAction, default=True,
-        help='time the naive reference too')
+        help='time the naive step too')
     add('--compile', action='store_true', help='also time torch.compile (minutes)')
     add('--device', default='cpu', help='cpu | cuda | cuda:N')
     add('--threads', type=int, help="CPU threads [torch's choice]")
@@ -322,8 +315,8 @@ def get_args_parser():
     add('--tokenizer', action=argparse.BooleanOptionalAction, default=True,
         help='time CLIP and k-means too (Sec. 4.2)')
     add('--clip-size', type=int, help='CLIP input size [448: a 14x14 grid]')
-    add('--quick', action='store_true', help='smoke test: micro ViT, depth 2, batch 2')
-    add('--json', help='write the rows as JSON lines here')
+    add('--quick', action='store_true', help='micro ViT, depth 2, batch 2')
+    add('--json', help='a file for the rows as JSON lines')
     return p
 
 
@@ -397,7 +390,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device, rows = torch.device(args.device), []
 
-    def emit(row, text=None):  # keep the row for --json; print it as given or as `kind: key value`
+    def emit(row, text=None):  # print as given or as `kind: key value`
         rows.append(row)
         fields = [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()]
         print(text or f'{row["kind"]}: ' + ', '.join(fields[1:]))

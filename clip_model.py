@@ -5,9 +5,9 @@ with IMAGE_MEAN / IMAGE_STD at 32*G px); the paper used RN50x64 (C = 4096), this
 (2048). The architecture is read from the tensor shapes, so a checkpoint loads with strict=True;
 ViT CLIP models are refused.
 
-    model = clip_model.load('RN50')                    # downloads to ~/.cache/clip ($CLIP_CACHE)
-    model = clip_model.load('RN50x64.pt', 'cuda')      # a local file: no network
-    feats = model.encode_dense(x)                      # (B, 3, 448, 448) -> (B, 2048, 14, 14)
+    model = clip_model.load('RN50')  # downloads to ~/.cache/clip ($CLIP_CACHE)
+    model = clip_model.load('RN50x64.pt', 'cuda')  # a local file: no network
+    feats = model.encode_dense(x)  # (B, 3, 448, 448) -> (B, 2048, 14, 14)
     logits_per_image, logits_per_text = model(x224, clip_model.tokenize(['a dog', 'a cat']))
 
 Test: python -m pytest -q tests/test_clip_model.py
@@ -45,7 +45,7 @@ MODELS = {name: URL.format(sha256, name) for name, sha256 in (
     ('RN50x16', '52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa'),
     ('RN50x64', 'be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c'))}
 
-# ------------------------------ text tokenizer
+# Text tokenizer.
 
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           'bpe_simple_vocab_16e6.txt.gz')
@@ -56,8 +56,7 @@ PRETOKEN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'l
 
 
 def byte_alphabet():
-    """A printable character per byte: BPE sees no whitespace or control characters, and any
-    UTF-8 text is representable (no unknown token)."""
+    """A printable character per byte: BPE sees no whitespace and has no unknown token."""
     printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
                  *range(ord('®'), ord('ÿ') + 1)]
     table = {b: chr(b) for b in printable}
@@ -126,7 +125,7 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
         out[i, :len(ids)] = torch.tensor(ids)
     return out
 
-# ------------------------------ image tower
+# Image tower (ModifiedResNet).
 
 
 def conv_bn(cin, cout, k, stride=1):  # (conv, bn) pair, OpenAI's convN / bnN keys
@@ -134,8 +133,7 @@ def conv_bn(cin, cout, k, stride=1):  # (conv, bn) pair, OpenAI's convN / bnN ke
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 conv, 4x wider out; a stride is an average pool before the last conv and
-    the shortcut's (anti-aliased downsampling)."""
+    """1x1 -> 3x3 -> 1x1 conv, 4x wider; strides are anti-aliased average pools."""
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -182,9 +180,6 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """3-conv stem, average pool, four Bottleneck stages (layer4: 32*width channels, stride 32),
-    attention pool."""
-
     def __init__(self, layers, output_dim, heads, input_resolution, width):
         super().__init__()
         self.conv1, self.bn1 = conv_bn(3, width // 2, 3, stride=2)
@@ -207,7 +202,7 @@ class ModifiedResNet(nn.Module):
     def forward(self, x):  # (B, 3, R, R) -> (B, E)
         return self.attnpool(self.forward_dense(x))
 
-# ------------------------------ text tower
+# Text tower.
 
 
 class QuickGELU(nn.Module):
@@ -232,7 +227,7 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(h, h, h, need_weights=False, attn_mask=causal)[0]
         return x + self.mlp(self.ln_2(x))
 
-# ------------------------------ CLIP
+# CLIP.
 
 
 @dataclass
@@ -266,7 +261,7 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # inverse temperature
 
     def encode_dense(self, images):  # (B, 3, H, W) -> (B, C, H/32, W/32)
-        """layer4, before the attention pool (k-CLIP, Sec. 4.2); H and W any multiples of 32."""
+        """layer4, before the attention pool (k-CLIP, Sec. 4.2)."""
         return self.visual.forward_dense(images)
 
     def encode_image(self, images):  # (B, 3, R, R) -> (B, E)
@@ -287,10 +282,10 @@ class CLIP(nn.Module):
 
 
 def config_from_state_dict(sd, source) -> CLIPConfig:
-    """The architecture, from tensor shapes and key counts, as OpenAI's build_model."""
+    """As OpenAI's build_model: from tensor shapes and key counts."""
     if 'visual.proj' in sd or 'visual.class_embedding' in sd:
-        raise SystemExit(f'{source} is a ViT CLIP model; only ResNet CLIP models '
-                         f'({", ".join(MODELS)}) work, since k-CLIP clusters the last conv stage')
+        raise SystemExit(f'{source} is a ViT CLIP model; only ResNet CLIP models work: '
+                         f'{", ".join(MODELS)}')
 
     def count(prefix):
         return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
@@ -310,7 +305,7 @@ def config_from_state_dict(sd, source) -> CLIPConfig:
     except KeyError as e:
         raise SystemExit(f'{source} is not an OpenAI CLIP state dict (no {e})') from None
 
-# ------------------------------ loading
+# Loading.
 
 
 def sha256(path):
@@ -319,8 +314,7 @@ def sha256(path):
 
 
 def download(url, root):
-    """root/<file name>, downloaded unless there with the SHA-256 the URL names; via a checked
-    temporary file, so no partial or wrong file is ever used."""
+    """root/<name>, unless there with the URL's SHA-256: fetched to a temporary file, checked."""
     expected, name = url.split('/')[-2:]
     target = os.path.join(root, name)
     if os.path.isfile(target):
@@ -370,8 +364,8 @@ def read_state_dict(path):
 
 
 def load(name_or_path: str, device='cpu', download_root: str | None = None) -> CLIP:
-    """The CLIP model in eval mode: a name in MODELS downloads into download_root, else
-    $CLIP_CACHE, else ~/.cache/clip; else a file. Every failure is a one-line SystemExit."""
+    """CLIP in eval mode from a file or a name in MODELS (downloaded into download_root,
+    $CLIP_CACHE or ~/.cache/clip); every failure is a one-line SystemExit."""
     if name_or_path in MODELS:
         root = download_root or os.environ.get('CLIP_CACHE') or os.path.expanduser('~/.cache/clip')
         path = download(MODELS[name_or_path], root)

@@ -9,8 +9,8 @@ tokens", so the tokenizer and pre-training cut images with the one pretrain_geom
     tokens, meta = data.load_tokens('runs/tok_train', 'demo', 'train', len(ds), grid=8)
     pairs = data.TokenizedDataset(ds, tokens, meta['skipped'])  # (image, tokens [G*G] int64)
 
-Unreadable images come back as None (warned once per path); collate_skip drops them. A user
-mistake (unknown name, missing folder, no network, wrong token file) is a one-line ValueError.
+A user mistake (unknown name, missing folder, no network, wrong token file) is a one-line
+ValueError.
 """
 import contextlib
 import itertools
@@ -56,7 +56,6 @@ DEMO_CROPS = dict(crop_scale=0.35, eval_crop=1.0)
 DEMO_TOKENS = os.path.join('runs', 'tokens', 'demo')  # made by tokenizer.py on the first demo run
 
 
-# ------------------------------
 # The built-in demo set: 32 px images of 10 shapes, generated from (split, index, seed).
 
 DEMO_CLASSES = ('disc', 'ring', 'square', 'diamond', 'triangle', 'cross', 'stripes',
@@ -101,7 +100,7 @@ def _shape_sdf(label, rng, u, v, r):
 
 
 def render_demo_image(split, index, seed=0):
-    """uint8 [32, 32, 3] and label index % 10; all but the shape is random."""
+    """uint8 [32, 32, 3] and its label; all but the shape is random."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     label = index % len(DEMO_CLASSES)
     bg = rng.uniform(0, 1, 3).astype(np.float32)
@@ -143,7 +142,6 @@ class DemoDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
-# ------------------------------
 # Image folders (ImageNet layout), torchvision sets.
 
 _warned_paths = set()
@@ -216,31 +214,27 @@ def build_dataset(name, split, root='data', transform=None):
 
 
 def dataset_id(name):
-    """How meta.json names a dataset: its name, or a folder's real path."""
     return name if name == 'demo' or name in TORCHVISION_DATASETS else os.path.realpath(name)
 
 
-# ------------------------------
 # Seeded sampling: the loader yields (epoch, index) keys, so every random draw a sample meets is
 # a function of (seed, epoch, index): the same on any number of processes.
 
 
 def seed_for(*keys):
-    """A 64-bit seed, a pure function of the keys."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
 
 
 @contextlib.contextmanager
 def keyed(*keys):
-    """torch's CPU generator seeded by seed_for(*keys) inside; the process's stream untouched."""
+    """Seeded by the keys inside; the process's stream untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed_for(*keys))
         yield
 
 
 def per_sample(draw, epochs, indices, seed, key):
-    """torch.cat of each sample's draw(1) under keyed(seed, epoch, index, key), whatever its
-    batch."""
+    """Each sample's draw(1) under keyed(seed, epoch, index, key), whatever its batch."""
     rows = []
     for epoch, i in zip(epochs.tolist(), indices.tolist()):
         with keyed(seed, epoch, i, key):
@@ -288,11 +282,9 @@ class KeyedSet(SeededSet):
         return None if item is None else (*key, *item)
 
 
-# ------------------------------
 # Wrappers and the collate function every DataLoader uses.
 
 def collate_skip(batch):
-    """Without the unreadable samples (None); None if none is left."""
     batch = [b for b in batch if b is not None]
     return default_collate(batch) if batch else None
 
@@ -312,8 +304,8 @@ class IndexedDataset(Dataset):
 
 
 class TokenizedDataset(Dataset):
-    """(image, tokens int64 [G*G], raster order); `skipped` (meta['skipped']): images the tokenizer
-    could not read, whose rows hold no tokens, dropped even if readable since."""
+    """(image, tokens int64 [G*G], raster order); `skipped`: images the tokenizer could not read,
+    dropped even if readable since."""
 
     def __init__(self, dataset, tokens, skipped=()):
         if len(dataset) != len(tokens):
@@ -331,12 +323,11 @@ class TokenizedDataset(Dataset):
         return item[0], torch.from_numpy(self.tokens[i].astype(np.int64).reshape(-1))  # [G*G]
 
 
-# ------------------------------
 # Token files: <dir>/tokens.npy (uint16 [images, G, G]), codebook.npy (float32 [K, C]), meta.json.
 
 
 def write_tokens(out_dir, tokens, codebook, meta):
-    """Each via a temporary name: a kill never leaves a torn file."""
+    """A kill never leaves a torn file."""
     os.makedirs(out_dir, exist_ok=True)
     for name, write in (('tokens.npy', lambda f: np.save(f, tokens.astype(np.uint16))),
                         ('codebook.npy', lambda f: np.save(f, codebook.astype(np.float32))),

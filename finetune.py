@@ -40,8 +40,8 @@ SIZES = {
     'small': dict(lr=5e-3, epochs=200, layer_decay=0.65),
     'base': dict(lr=5e-4, epochs=100, layer_decay=0.65),
 }
-# The defaults --data selects: Tab. 8's, or the demo's, without the augmentations that keep its
-# few epochs at chance (measured: 10-12% top-1 after 2 epochs with them, 14% without).
+# The defaults --data selects: Tab. 8's, or the demo's, without augmentations (measured: 10-12%
+# top-1 after 2 epochs with them, 14% without).
 PAPER = dict(batch_size=1024, warmup_epochs=20, workers=training.default_workers(),
              **data.PAPER_CROPS, randaug=9, reprob=0.25, mixup=0.8, cutmix=1.0)
 DEMO = dict(batch_size=128, warmup_epochs=0.5, workers=0, **data.DEMO_CROPS, randaug=0, reprob=0,
@@ -65,8 +65,7 @@ def get_args_parser():
     def default(key):
         return f'[paper: {PAPER[key]}; demo: {DEMO[key]}]'
     g = p.add_argument_group('model')
-    g.add_argument('--checkpoint', required=True, help='backbone.pt, ckpt.pt or "none" (random '
-                   'init, Tab. 2\'s "ViT" row)')
+    g.add_argument('--checkpoint', required=True, help='backbone.pt, ckpt.pt or none (Tab. 2)')
     g.add_argument('--model', choices=list(model.MODEL_CONFIGS), help='ViT size [the checkpoint\'s'
                    '; none: base, demo: micro]')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth [paper: 0.1]')
@@ -91,19 +90,17 @@ def get_args_parser():
     g.add_argument('--lr', type=float, help=f'peak lr at batch 1024, scaled {per_size("lr")}')
     g.add_argument('--layer-decay', type=float, help=f'lr decay/layer {per_size("layer_decay")}')
     g.add_argument('--min-lr', type=float, default=1e-6, help='lr at the end of the cosine [1e-6]')
-    g.add_argument('--warmup-epochs', type=float, help='linear warmup from 1e-6, per step '
-                   f'{default("warmup_epochs")}')
+    g.add_argument('--warmup-epochs', type=float, help=f'linear {default("warmup_epochs")}')
     g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW [paper: 0.05]')
     g.add_argument('--dtype', default='auto', choices=('auto', *training.DTYPES),
-                   help='auto: bfloat16 on Ampere+, float16 on older GPUs, float32 on CPU')
+                   help='auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU')
     g = p.add_argument_group('run')
     g.add_argument('--out', help='output directory [runs/finetune_<run>[_<dataset>]]')
     g.add_argument('--resume', action='store_true', help='continue the run in --out, exactly')
     g.add_argument('--eval-only', action='store_true', help='evaluate a ckpt.pt of finetune.py')
     g.add_argument('--seed', type=int, default=0, help='init, data order, draws [0]')
     g.add_argument('--steps', type=int, help='stop at this step; the schedule spans --epochs')
-    g.add_argument('--results', default=os.path.join('runs', 'results.jsonl'),
-                   help='JSON-lines file [runs/results.jsonl]')
+    g.add_argument('--results', default=os.path.join('runs', 'results.jsonl'), help='[%(default)s]')
     g.add_argument('--device', help='cuda | cpu | cuda:N [cuda if available]')
     return p
 
@@ -126,7 +123,7 @@ def resolve_args(args):
 
 
 def resolve_size(args, size):
-    """Tab. 8's defaults for `size` (--data demo: the demo's epochs); the line that says so."""
+    """Tab. 8's defaults for `size` (--data demo: the demo's epochs) and a line saying so."""
     args.model, demo = size, args.data == 'demo' and size != 'micro'
     defaults = dict(SIZES[size], epochs=SIZES['micro' if demo else size]['epochs'])
     for key, value in defaults.items():
@@ -137,7 +134,6 @@ def resolve_size(args, size):
             'epochs' + (" (the demo's)" if demo else ''))
 
 
-# ------------------------------
 # Training data (Tab. 8): bicubic random resized crop, flip, RandAugment, random erasing, mixes.
 
 
@@ -174,8 +170,7 @@ def train_transform(img_size, args):
 
 
 def batch_mixer(args, num_classes):
-    """(images, labels) -> (images, smoothed soft targets (B, C)); with both mixup and cutmix on,
-    each batch takes one at even odds (timm's switch_prob 0.5)."""
+    """(images, labels) -> (images, smoothed targets (B, C)); mixup or cutmix at even odds."""
     mixes = [mix(alpha=alpha, num_classes=num_classes)
              for mix, alpha in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if alpha > 0]
     mix = v2.RandomChoice(mixes) if mixes else (
@@ -187,7 +182,6 @@ def batch_mixer(args, num_classes):
     return apply
 
 
-# ------------------------------
 # The model: the pre-trained backbone + a new fc_norm and head (Sec. 5.1), layer-wise lr decay.
 
 def build_classifier(args, num_classes):
@@ -209,8 +203,7 @@ def build_classifier(args, num_classes):
 
 
 def layer_decay_groups(vit, weight_decay, layer_decay):
-    """BEiT's: lr scale decay ** (depth + 1 - layer); layer 0 the embeddings, i + 1 block i, depth
-    + 1 fc_norm and head."""
+    """BEiT's: lr scale decay ** (depth + 1 - layer); layer 0 the embeddings, i + 1 block i."""
     depth = len(vit.blocks)
 
     def layer(name):
@@ -237,9 +230,6 @@ def export_classifier(out, vit, classes):
                        mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD), f, indent=1)
 
 
-# ------------------------------
-# Build, the loop, the summary.
-
 def build(args, d):
     """(ckpt or None, classifier, classes, val set, train set or None for --eval-only)"""
     training.seed_everything(args.seed, d.rank)
@@ -265,7 +255,6 @@ def build(args, d):
 
 
 def main(argv=None):
-    """Returns a summary dict (top1, top5, count, ...)."""
     return training.run_command('finetune.py', get_args_parser(), resolve_args, run, argv)
 
 
@@ -327,7 +316,7 @@ def run(args, d):
         bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
         if done % s.steps_per_epoch and done != s.last:
             continue
-        # An epoch's (or --steps') end: evaluate every validation image once, save.
+        # An epoch's (or --steps') end: evaluate, save.
         result = training.evaluate(vit, val_loader, device, dtype)
         mean, n, seconds = epoch.read()
         training.log_line(f'{out}/log.jsonl', step=done, epoch=round(done / s.steps_per_epoch, 4),

@@ -13,8 +13,7 @@ backbone.pt (the ViT for finetune.py and probe.py; timm's loads it strictly), lo
 
 Tokens come from tokenizer.py (row i = image i; the demo's are made on the first run). A sample's
 colour jitter (key 0), permutation or mask (key 1) and drop path (key 2) are drawn from
-data.seed_for(--seed, epoch, image index, key): any number of processes, any --accum and a
-resume compute the same thing (tests/test_pretrain.py checks it).
+data.seed_for(--seed, epoch, image index, key): any process count, --accum or resume agree.
 """
 import argparse
 import math
@@ -31,8 +30,7 @@ import tokenizer
 import training
 from training import print0
 
-# The defaults --data selects: the paper's (Tab. 7), or the demo's: the micro ViT learns visibly
-# on two CPU cores in a few minutes.
+# The defaults --data selects: the paper's (Tab. 7), or the demo's (learns visibly on 2 CPUs).
 PAPER = dict(model='base', epochs=300, batch_size=2048, lr=1.5e-3, warmup_epochs=10,
              workers=training.default_workers(), tokens=None, save_every=500, log_every=50)
 DEMO = dict(model='micro', epochs=3, batch_size=128, lr=3.2e-2, warmup_epochs=0.5, workers=0,
@@ -53,12 +51,9 @@ def get_args_parser():
         return f'[{"paper" if key in paper else "default"}: {PAPER[key]}; demo: {DEMO[key]}]'
     g = p.add_argument_group('objective and model')
     g.add_argument('--objective', default='mapet', choices=model.OBJECTIVES,
-                   help='mim: random mask; beit: block-wise mask; pim: permuted two-stream; '
-                   'mapet: pim + position-aware mask tokens (the paper\'s) [mapet]')
-    g.add_argument('--model', choices=list(model.MODEL_CONFIGS), help='tiny/small/base: 224 px, '
-                   f'patch 16; micro: the 32 px CPU size {default("model")}')
-    g.add_argument('--cut', type=int, help='pim/mapet: visible patches without CLS (c = cut + 1)'
-                   ' [round(0.3 N): 59 of 196, Tab. 6\'s best]')
+                   help='mim, beit (block mask), pim, mapet (the paper\'s) [mapet]')
+    g.add_argument('--model', choices=list(model.MODEL_CONFIGS), help=default('model'))
+    g.add_argument('--cut', type=int, help='pim/mapet: visible patches [0.3 N, Tab. 6]')
     g.add_argument('--mask-ratio', type=float, default=0.4, help='mim/beit: masked fraction [0.4]')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth [paper: 0.1]')
     g.add_argument('--layer-scale', type=float, default=0.1, help='layer scale init [paper: 0.1]')
@@ -68,8 +63,7 @@ def get_args_parser():
                    + ' | '.join(data.TORCHVISION_DATASETS) + ' [demo]')
     g.add_argument('--data-root', default='data', help='where torchvision sets are [data]')
     g.add_argument('--tokens', help=f'tokenizer.py\'s train split dir [demo: {DEMO["tokens"]}]')
-    g.add_argument('--color-jitter', type=float, default=0.4, help='the only augmentation: '
-                   'patches stay where their tokens were (Sec. 5.1) [0.4]')
+    g.add_argument('--color-jitter', type=float, default=0.4, help='the only augmentation [0.4]')
     g.add_argument('--workers', type=int, help=f'loader processes per GPU {default("workers")}')
     g = p.add_argument_group('optimisation (Tab. 7)')
     g.add_argument('--epochs', type=int, help=default('epochs'))
@@ -77,12 +71,11 @@ def get_args_parser():
     g.add_argument('--accum', type=int, default=1, help='micro-batches per step [1]')
     g.add_argument('--lr', type=float, help=f'peak lr at batch 2048, scaled {default("lr")}')
     g.add_argument('--min-lr', type=float, default=1e-5, help='lr at the end of the cosine [1e-5]')
-    g.add_argument('--warmup-epochs', type=float, help='linear warmup from 1e-6, per step '
-                   f'{default("warmup_epochs")}')
+    g.add_argument('--warmup-epochs', type=float, help=f'linear {default("warmup_epochs")}')
     g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW [paper: 0.05]')
     g.add_argument('--clip-grad', type=float, default=3.0, help='max gradient norm, 0 = none [3.0]')
     g.add_argument('--dtype', default='auto', choices=('auto', *training.DTYPES),
-                   help='auto: bfloat16 on Ampere+, float16 on older GPUs, float32 on CPU')
+                   help='auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU')
     g.add_argument('--compile', action='store_true', help='torch.compile the step (GPUs)')
     g = p.add_argument_group('run')
     g.add_argument('--out', help='output directory [runs/pretrain_<objective>]')
@@ -111,12 +104,11 @@ def resolve_args(args):
     return args
 
 
-# ----------------------------------------------------------------------------------------------
 # Build: data and tokens, the ViT and its objective (Sec. 3, 4.1), AdamW, the checkpoint.
 
 
 def build_data(args, backbone):
-    """The keyed training set (epoch, index, image, tokens [N]) and the tokens' meta.json."""
+    """The keyed set (epoch, index, image, tokens [N]) and the tokens' meta.json."""
     # Sec. 5.1: the tokenizer's crop, then colour jitter only: patch (i, j) is where token (i, j) is
     jitter = [transforms.ColorJitter(*[args.color_jitter] * 3)] if args.color_jitter > 0 else []
     dataset = data.build_dataset(args.data, 'train', args.data_root, transforms.Compose([
@@ -138,8 +130,7 @@ def build(args, d):
     if args.data == 'demo':
         tokenizer.ensure_demo_tokens(args.tokens, 'train', d.device)
     training.seed_everything(args.seed, d.rank)  # after the tokenizer, which draws from the streams
-    # The backbone's classifier takes no part: no head (num_classes=0), fc_norm frozen, so DDP
-    # waits for no gradient that never comes.
+    # No head and fc_norm frozen: DDP waits for no gradient that never comes.
     backbone = model.create_model(args.model, num_classes=0, drop_path_rate=args.drop_path,
                                   layer_scale=args.layer_scale)
     backbone.fc_norm.requires_grad_(False)
@@ -163,20 +154,14 @@ def build(args, d):
 
 
 def draws(pre, epochs, index, seed, device):
-    """Each sample's permutation (pim, mapet: (B, N)) or mask (mim, beit: (B, N) bool), and its
-    drop-path draws (B, depth), whatever the batch."""
+    """Each sample's permutation or mask (B, N) and drop-path draws (B, depth)."""
     corrupt = data.per_sample(pre.draw_perm if pre.two_stream else pre.draw_mask, epochs, index,
                               seed, 1).to(device, non_blocking=True)
     drop = data.per_sample(pre.draw_drop, epochs, index, seed, 2).to(device, non_blocking=True)
     return dict(perm=corrupt) if pre.two_stream else dict(mask=corrupt), drop
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop and the summary.
-
-
 def main(argv=None):
-    """Returns a summary dict (steps, epochs, final loss and accuracy, speed)."""
     return training.run_command('pretrain.py', get_args_parser(), resolve_args, train, argv)
 
 

@@ -62,12 +62,12 @@ def get_args_parser():
     add('--tokens', help='tokens-*: train split token dir [demo: runs/tokens/demo]')
     add('--val-tokens', help='tokens-*: of the val split, made with --codebook TOKENS')
     add('--embed-dim', type=int, help='tokens-mlp [192]')
-    add('--hidden', type=int, help='tokens-mlp: hidden width [768]')
+    add('--hidden', type=int, help='tokens-mlp [768]')
     add = p.add_argument_group('data').add_argument
     add('--data', default='demo', help='demo | ImageFolder root (train/, val/) | '
         + ' | '.join(data.TORCHVISION_DATASETS) + ' [demo]')
     add('--data-root', default='data', help='of torchvision datasets [data]')
-    add('--workers', type=int, help='loader processes per GPU [min(10, CPUs); demo: 0]')
+    add('--workers', type=int, help='per GPU [min(10, CPUs); demo: 0]')
     add('--crop-scale', type=float, help='linear: least crop area [0.08; demo: 0.35]')
     add('--eval-crop', type=float, help='linear: centre crop [0.875; demo: 1]')
     add = p.add_argument_group('optimisation (App. D: AdamW, cosine)').add_argument
@@ -87,7 +87,6 @@ def get_args_parser():
 
 
 def resolve_args(args):
-    """Fill the defaults of --data and --method; refuse flags the method does not use."""
     own, demo, specific = OWN[args.method], args.data == 'demo', set().union(*OWN.values())
     for key in sorted(specific - own):
         if getattr(args, key) is not None:
@@ -115,7 +114,7 @@ def resolve_args(args):
 
 
 def tokens_fix(args, *splits):
-    """The tokenizer.py commands, ready to paste, that make this run's token dirs of `splits`."""
+    """The tokenizer.py commands that make this run's token dirs of `splits`."""
     train = args.tokens or os.path.join('tokens', os.path.basename(os.path.normpath(args.data)))
     val = args.val_tokens
     if val is None or os.path.realpath(val) == os.path.realpath(train):
@@ -133,7 +132,7 @@ def tokens_fix(args, *splits):
 
 
 class LinearProbe(nn.Module):
-    """The backbone frozen and in eval mode (no drop path) (Sec. 5.1)."""
+    """The backbone frozen, in eval mode (no drop path) (Sec. 5.1)."""
 
     def __init__(self, backbone, num_classes):
         super().__init__()
@@ -169,9 +168,6 @@ class TokenMLP(nn.Module):
         return self.head(F.relu(self.fc(self.embed(tokens))).mean(dim=1))
 
 
-# Data: augmented images, features extracted once, or tokens.
-
-
 def train_loader(dataset, micro, args, d, seeded=False, shard=True):
     """Shuffled by (seed, epoch); seeded: an image's crop is drawn from (seed, epoch, index)."""
     world, rank = (d.world_size, d.rank) if shard else (1, 0)
@@ -187,7 +183,7 @@ def train_loader(dataset, micro, args, d, seeded=False, shard=True):
 
 @torch.no_grad()
 def extract(probe, dataset, micro, args, d, dtype):
-    """(features (n, D), labels (n,)) of this rank's shard, on the CPU."""
+    """(features (n, D), labels (n,)) of this rank's shard."""
     features, labels = [], []
     for batch in tqdm(training.eval_loader(dataset, micro, args.workers, d), disable=not d.is_main,
                       desc='features', leave=False, dynamic_ncols=True):
@@ -235,7 +231,7 @@ def linear_probe(args, d, micro, dtype):
 
 
 def token_set(args, split, token_dir):
-    """(tokens (n, N) and labels of the readable images, vocabulary, grid, classes)."""
+    """(tokens (n, N) and labels of the readable images, K, G, classes)."""
     dataset = data.build_dataset(args.data, split, args.data_root)
     path = os.path.join(token_dir, 'meta.json')
     meta = tokenizer.read_meta(token_dir) if os.path.isfile(path) else {}
@@ -280,7 +276,6 @@ def tokens_only(args, d, micro):
 
 
 def main(argv=None):
-    """Returns dict(top1, top5, count, method, epochs, seconds)."""
     return training.run_command('probe.py', get_args_parser(), resolve_args, run, argv)
 
 
@@ -327,7 +322,7 @@ def run(args, d):
             bar.update()
         loss = torch.stack(losses).mean() / W
         if dist.is_initialized():
-            dist.all_reduce(loss)  # every rank sees the same loss, stops alike
+            dist.all_reduce(loss)  # every rank stops alike
         if not torch.isfinite(loss):
             raise SystemExit(f'probe.py: non-finite loss in epoch {epoch + 1}: pass an --lr '
                              f'below {args.lr:g}')

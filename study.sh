@@ -38,8 +38,8 @@ python visualize.py curves "$OUT"/pretrain_{mim,beit,pim,mapet}/log.jsonl --labe
 python - "$RESULTS" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print('| method | checkpoint | top-1 | top-5 | epochs | wall time |')
-print('|---|---|---|---|---|---|')
+print('| method | checkpoint | seed | top-1 | top-5 | epochs | wall time |')
+print('|---|---|---|---|---|---|---|')
 for r in rows:
-    print(f"| {r['method']} | {r['checkpoint']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['epochs']} | {r['seconds']:.0f} s |")
+    print(f"| {r['method']} | {r['checkpoint']} | {r['seed']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['epochs']} | {r['seconds']:.0f} s |")
 EOF

@@ -4,12 +4,12 @@ A patch's token is its nearest centroid in a k-means codebook (K=8192) fitted to
 patch features: CLIP ResNet `layer4` at 32*G px, one per cell of a G x G grid (`--features
 pixels`: the ViT's raw patches).
 
-    python tokenizer.py --data demo --split train --out runs/tok_train       # ~20 s on a CPU
+    python tokenizer.py --data demo --split train --out runs/tok_train  # ~20 s on a CPU
     python tokenizer.py --data demo --split val --codebook runs/tok_train --out runs/tok_val
     python tokenizer.py --data demo --split train --features pixels --grid 14 --patch 16 \\
-        --out runs/tokens/demo_g14                        # for a 224 px ViT, ~3 min on a CPU
+        --out runs/tokens/demo_g14  # for a 224 px ViT, ~3 min on a CPU
     torchrun --nproc_per_node=8 tokenizer.py --data /path/imagenet --split train --clip RN50x64 \\
-        --out tokens/in1k_rn50x64                                           # the paper's tokenizer
+        --out tokens/in1k_rn50x64  # the paper's tokenizer
     torchrun --nproc_per_node=8 tokenizer.py --data /path/imagenet --split val \\
         --codebook tokens/in1k_rn50x64 --out tokens/in1k_rn50x64_val
 
@@ -35,7 +35,6 @@ import clip_model
 import data
 import training
 
-# ------------------------------
 # Collectives that also run as one process.
 
 
@@ -74,7 +73,6 @@ def id_uniform(ids, seed, stream):
     return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53)
 
 
-# ------------------------------
 # k-means in torch: chunked (bounded memory at K=8192, C=4096), any device, across ranks.
 
 
@@ -163,7 +161,6 @@ def kmeans(x, k, iters=20, seed=0, init='k-means++', ids=None, init_points=65536
     return centroids, inertia
 
 
-# ------------------------------
 # Features: one C-dim vector per ViT patch, [B, G, G, C].
 
 
@@ -183,8 +180,8 @@ def clip_features(model, images):
 
 
 def feature_pipeline(args, device):
-    """(transform, images -> features, image size, C): images cut as the ViT's, normalised by
-    batch on the device (small per-image ops in the loader are slow)."""
+    """(transform, images -> features, image size, C); normalised by batch on the device, as
+    per-image ops in the loader are slow."""
     if args.features == 'pixels':
         size, norm = args.patch * args.grid, (data.IMAGENET_MEAN, data.IMAGENET_STD)
         features, dim = partial(pixel_features, patch=args.patch), 3 * args.patch ** 2
@@ -204,7 +201,6 @@ def feature_pipeline(args, device):
             features_of, size, dim)
 
 
-# ------------------------------
 # The command: arguments -> features -> codebook -> tokens -> files.
 
 
@@ -231,8 +227,7 @@ def get_args_parser():
     g.add_argument('--seed', type=int, help='of the feature sample and k-means++ [0]')
     g.add_argument('--codebook', help='token dir of a fitted codebook: only assign (val split)')
     g = p.add_argument_group('run')
-    g.add_argument('--batch-size', type=int,
-                   help='images per process; RN50x64, 448 px, 16 GB GPU: 16 [64; demo: 500]')
+    g.add_argument('--batch-size', type=int, help='images per process [64; demo: 500]')
     g.add_argument('--workers', type=int, help='loader processes per rank [min(10, CPUs); demo: 0]')
     g.add_argument('--device', help='cuda | cpu | cuda:N [cuda if available]')
     return p
@@ -345,7 +340,6 @@ def tokenize_images(batches, codebook, G, device):
 
 
 def write_token_files(args, n, rows, tokens, codebook, fit, image_size, seconds):
-    """Rank 0: writes the three files, prints a summary, returns meta."""
     G, K = args.grid, args.vocab
     grid = np.zeros((n, G, G), dtype=np.uint16)
     grid[rows.numpy()] = tokens.numpy().reshape(-1, G, G)
@@ -376,10 +370,9 @@ def main(argv=None):
         raise SystemExit(f'tokenizer.py: {e}') from None
     created = 'RANK' in os.environ and not dist.is_initialized()  # else the caller's, if any
     d = training.setup_distributed(args.device)
-    rank, world_size, device = d.rank, d.world_size, d.device
     training.print_run(args)
     start = time.time()
-    dataset.transform, features_of, image_size, dim = feature_pipeline(args, device)
+    dataset.transform, features_of, image_size, dim = feature_pipeline(args, d.device)
     if args.codebook:
         codebook = torch.from_numpy(np.load(os.path.join(args.codebook, 'codebook.npy')))
         if codebook.shape != (args.vocab, dim):
@@ -387,15 +380,15 @@ def main(argv=None):
                              f', these features need [{args.vocab}, {dim}]: fit it again')
         meta = read_meta(args.codebook)
         fit = {k: meta[k] for k in ('sample', 'iters', 'seed', 'features_fitted', 'inertia')}
-    mine = torch.arange(rank, len(dataset), world_size)  # this rank's images
+    mine = torch.arange(d.rank, len(dataset), d.world_size)  # this rank's images
     loader = training.eval_loader(data.IndexedDataset(dataset), args.batch_size, args.workers, d)
     batches = partial(patch_features, loader, features_of)  # desc -> a pass over them
     if not args.codebook:
-        codebook, fit = fit_codebook(args, batches('features'), mine, dim, device)
-    rows, tokens = tokenize_images(batches('tokens'), codebook.to(device), args.grid, device)
-    meta = None if rank else write_token_files(args, len(dataset), rows, tokens, codebook, fit,
+        codebook, fit = fit_codebook(args, batches('features'), mine, dim, d.device)
+    rows, tokens = tokenize_images(batches('tokens'), codebook.to(d.device), args.grid, d.device)
+    meta = None if d.rank else write_token_files(args, len(dataset), rows, tokens, codebook, fit,
                                                image_size, time.time() - start)
-    if world_size > 1:
+    if d.world_size > 1:
         dist.barrier()  # the files exist for every rank
     if created:
         training.cleanup_distributed()
@@ -403,8 +396,7 @@ def main(argv=None):
 
 
 def ensure_demo_tokens(out, split, device, codebook=None):
-    """The demo's pixel tokens in `out`, made on first use (~20 s on a CPU) so that pretrain.py
-    and probe.py need no tokenizer command."""
+    """Makes the demo's pixel tokens in `out` on first use, so stages need no tokenizer command."""
     if not os.path.isfile(os.path.join(out, 'tokens.npy')):
         argv = ['--data', 'demo', '--split', split, '--out', out,
                 *(['--codebook', codebook] if codebook else ['--features', 'pixels'])]

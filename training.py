@@ -1,5 +1,5 @@
-"""What pretrain.py, finetune.py and probe.py share, section by section. Checkpoints hold only
-tensors and plain values: weights_only=True loads them.
+"""What pretrain.py, finetune.py and probe.py share. Checkpoints hold only tensors and plain
+values: weights_only=True loads them.
 
     d = training.setup_distributed('cpu')      # Dist(rank, local_rank, world_size, device, is_main)
     backbone, report = training.load_backbone('runs/pretrain_mapet/backbone.pt', num_classes=10)
@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 import data
 import model
 
-# ------------------------------
 # Processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
 
 Dist = namedtuple('Dist', 'rank local_rank world_size device is_main')
@@ -49,7 +48,7 @@ def cleanup_distributed():
 
 
 def run_command(script, parser, resolve_args, run, argv=None):
-    """A stage's main(): a bad flag ends it in one line, else run(args, d) in the process group."""
+    """A stage's main(): a bad flag ends it in one line."""
     try:
         args = resolve_args(parser.parse_args(argv))
         if args.device is not None:
@@ -77,7 +76,6 @@ def check_device(name):
 
 
 def check_args(args, positive=(), ranges=()):
-    """ValueError for the first set flag not > 0 or outside its (flag, low, high) row."""
     for key in positive:
         value = getattr(args, key)
         if value is not None and not value > 0:
@@ -104,17 +102,15 @@ def print0(*args, **kwargs):
 
 
 def seed_everything(seed, rank):
-    """A stream per rank, reproducible per seed."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
 
 
-# ------------------------------
 # Optimisation: the schedule (Tab. 7-8), the parameter groups, one mixed-precision path.
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, warmup_lr):
-    """Linear warmup from warmup_lr to peak_lr, then cosine down to min_lr, per step (Tab. 7)."""
+    """Linear warmup, then cosine decay, per step (Tab. 7)."""
     if step < warmup_steps:
         return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -127,7 +123,6 @@ Schedule = namedtuple('Schedule', 'steps_per_epoch total warmup last micro peak_
 
 
 def set_lr(optimizer, s, step):
-    """Set each group's lr to the scheduled one x its lr_scale; return the scheduled one."""
     lr = lr_at(step, s.total, s.warmup, s.peak_lr, s.min_lr, s.warmup_lr)
     for group in optimizer.param_groups:
         group['lr'] = lr * group['lr_scale']
@@ -135,7 +130,7 @@ def set_lr(optimizer, s, step):
 
 
 def plan(args, num_images, d, reference_batch, warmup_lr):
-    """The Schedule (lr scaled linearly from reference_batch, as BEiT / MAE) and its line."""
+    """The Schedule, lr scaled linearly from reference_batch (BEiT / MAE), and its line."""
     spe = num_images // args.batch_size
     total, micro = args.epochs * spe, args.batch_size // (d.world_size * args.accum)
     s = Schedule(spe, total, round(args.warmup_epochs * spe), min(total, args.steps or total),
@@ -164,8 +159,7 @@ DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch
 
 
 def resolve_dtype(name, device):
-    """'auto': bf16 on Ampere+ GPUs, fp16 on older ones (the paper's V100s), fp32 on CPUs (where
-    autocast gains little and costs exactness)."""
+    """'auto': bf16 on Ampere+ GPUs, fp16 on older ones (the paper's V100s), fp32 on CPUs."""
     if name == 'auto':
         if device.type != 'cuda':
             return torch.float32
@@ -184,7 +178,6 @@ def grad_scaler(dtype, device):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-# ------------------------------
 # The steps of a training loop, the same for every stage that trains.
 
 def wrap_ddp(module, d):
@@ -196,7 +189,7 @@ def wrap_ddp(module, d):
 
 
 def train_loader(dataset, d, seed, s, accum, workers):
-    """Micro-batches of EpochSampler's keys; its own generator spares the process's stream."""
+    """Its own generator spares the process's stream."""
     sampler = data.EpochSampler(dataset, d.world_size, d.rank, seed,
                                 per_epoch=s.steps_per_epoch * accum * s.micro)
     return DataLoader(dataset, batch_size=s.micro, sampler=sampler, num_workers=workers,
@@ -205,8 +198,7 @@ def train_loader(dataset, d, seed, s, accum, workers):
 
 
 def steps(loader, start, s, accum, ddp, script):
-    """(step, its `accum` micro-batches) up to s.last; an epoch's order is a function of (seed,
-    epoch), and a resumed run skips what it had taken."""
+    """(step, its `accum` micro-batches) up to s.last; a resumed run skips what it had taken."""
     for epoch in range(start // s.steps_per_epoch, -(-s.last // s.steps_per_epoch)):
         first = max(start, epoch * s.steps_per_epoch)
         loader.sampler.set_epoch(epoch)
@@ -228,7 +220,7 @@ def micro_batches(batches, accum, ddp, script, step):
 
 def finish_step(stats, optimizer, scaler, clip_grad, step, script, ckpt_path):
     """Sum `stats` (loss sum, micro-batches, ...) over ranks, so a non-finite loss stops every rank
-    before the weights change; clip (0: none), step; (loss, sums, grad norm, overflow)."""
+    before the weights change; (loss, sums, grad norm, overflow)."""
     if dist.is_initialized():
         dist.all_reduce(stats)
     sums = stats.tolist()
@@ -249,7 +241,7 @@ def finish_step(stats, optimizer, scaler, clip_grad, step, script, ckpt_path):
 
 
 class Meter:
-    """Means of per-step numbers since the last read(), and the seconds taken."""
+    """Means of per-step numbers since the last read()."""
 
     def __init__(self):
         self.rows, self.start = [], time.time()
@@ -258,7 +250,6 @@ class Meter:
         self.rows.append(values)
 
     def read(self):
-        """(means, steps, seconds)"""
         now, rows = time.time(), self.rows
         self.rows, self.start, seconds = [], now, now - self.start
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}, len(rows), seconds
@@ -270,7 +261,6 @@ def peak_memory_mb(device):
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-# ------------------------------
 # Files: checkpoints, the JSON-lines log, the run's arguments.
 
 def save_checkpoint(path, obj):
@@ -335,7 +325,6 @@ def git_revision():
 
 
 def print_run(args, d=None):
-    """Print the git revision and the sorted arguments; return the revision."""
     revision = git_revision()
     where = f', {d.world_size} process(es) on {d.device.type}' if d is not None else ''
     print0(f'git revision {revision}{where}')
@@ -344,7 +333,7 @@ def print_run(args, d=None):
 
 
 def start_run(args, out_dir, d):
-    """print_run, out_dir/args.json; a new run drops the log of an attempt that saved no ckpt."""
+    """A new run drops the log of an attempt that saved no ckpt."""
     os.makedirs(out_dir, exist_ok=True)
     revision, log = print_run(args, d), os.path.join(out_dir, 'log.jsonl')
     if d.is_main:
@@ -355,7 +344,6 @@ def start_run(args, out_dir, d):
                            world_size=d.world_size, torch=torch.__version__), f, indent=1)
 
 
-# ------------------------------
 # The backbone file: what pre-training hands to fine-tuning and probing.
 HEAD = ('fc_norm.', 'head.')  # the classifier; pre-training never trains it
 SIZE_KEYS = ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads')
@@ -368,7 +356,6 @@ def save_backbone(path, backbone, extra):
 
 
 def size_name(config):
-    """'tiny', ... (model.MODEL_CONFIGS) or 'custom size'."""
     for name, c in model.MODEL_CONFIGS.items():
         if all(config.get(k) == c[k] for k in SIZE_KEYS):
             return name
@@ -412,15 +399,12 @@ def load_backbone(path, num_classes, drop_path_rate=0.1, expect=None):
     return vit, report
 
 
-# ------------------------------
-# Exact distributed evaluation (finetune.py, probe.py): DistributedSampler pads the split with
-# repeated images, counting some twice; here the ranks' shards partition it and counts are summed.
-
+# Exact distributed evaluation: DistributedSampler pads the split with repeated images, counting
+# some twice; here the ranks' shards partition it and counts are summed.
 
 @torch.no_grad()
 def evaluate(classifier, loader, device, dtype):
-    """Top-1, top-5 (%) and images over all ranks' shards; one final all-reduce, so ranks may
-    hold different numbers of batches."""
+    """Top-1, top-5 (%), images; one final all-reduce, so ranks may hold different batch counts."""
     was_training = classifier.training
     classifier.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5 hits, images
@@ -441,7 +425,6 @@ def evaluate(classifier, loader, device, dtype):
 
 
 def record_result(path, **record):
-    """Print a `result:` line; append it, with the git revision, to the JSON-lines `path`."""
     record = dict(record, git=git_revision())
     fields = '  '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}'
                        for k, v in record.items())
@@ -450,7 +433,7 @@ def record_result(path, **record):
 
 
 def eval_loader(dataset, batch_size, workers, d):
-    """This rank's shard, no padding; its own generator, as train_loader's."""
+    """This rank's shard, no padding."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       sampler=range(d.rank, len(dataset), d.world_size),
                       collate_fn=data.collate_skip, pin_memory=d.device.type == 'cuda',

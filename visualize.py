@@ -48,7 +48,7 @@ def text(lines, big=13, width=0):
 
 
 def stack(images, vertical=False, gap=8):
-    sizes = [im.size[::-1] if vertical else im.size for im in images]  # (along, across)
+    sizes = [im.size[::-1] if vertical else im.size for im in images]  # along, across
     size = (sum(a for a, _ in sizes) + gap * (len(images) - 1), max(b for _, b in sizes))
     out = Image.new('RGB', size[::-1] if vertical else size, WHITE)
     for im, at in zip(images, np.cumsum([0] + [a + gap for a, _ in sizes]).tolist()):
@@ -57,7 +57,7 @@ def stack(images, vertical=False, gap=8):
 
 
 def save(out_dir, name, body, *head):
-    """Write a dict as JSON, or a picture under its title and notes; return the path."""
+    """A dict as JSON, or a picture under its title and notes."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
     if isinstance(body, dict):
@@ -69,7 +69,7 @@ def save(out_dir, name, body, *head):
 
 
 def view_panel(pixels, G, content, framed=(), colours=(), labels=None, width=None):
-    """A G x G grid picture (3, S, S): unseen content faded, `framed` cells framed."""
+    """A G x G grid picture (3, S, S): unseen content faded."""
     p = pixels.shape[-1] // G
     seen = content.view(G, G).repeat_interleave(p, 0).repeat_interleave(p, 1)  # (S, S)
     img = torch.where(seen, pixels, (pixels.float().mean(0) * 0.12 + 204).byte())
@@ -81,7 +81,7 @@ def view_panel(pixels, G, content, framed=(), colours=(), labels=None, width=Non
 
 
 def token_map(tokens):
-    """A G x G token grid as (3, S, S) uint8: each token's id on its colour."""
+    """(3, S, S) uint8: each token's id on its colour."""
     colours = PALETTE[tokens]  # (G, G, 3)
     img = Image.fromarray(colours.repeat(TOKEN_CELL, 0).repeat(TOKEN_CELL, 1))
     for (r, c), k in np.ndenumerate(tokens):
@@ -92,7 +92,7 @@ def token_map(tokens):
 
 
 def image_at(dataset, index, size, side=None):
-    """(image cropped as for pre-training at `size` px, resized to `side` px, label)."""
+    """(image cropped as for pre-training, resized to `side` px, label)."""
     if not 0 <= index < len(dataset):
         raise ValueError(f'no image {index}: pass an --index in 0..{len(dataset) - 1}')
     if (item := dataset[index]) is None:
@@ -101,7 +101,7 @@ def image_at(dataset, index, size, side=None):
     return (image.resize((side, side), Image.NEAREST) if side else image), item[1]  # crisp
 
 
-# masks: Fig. 2b-c, and Fig. 1 on an image.
+# masks: Fig. 2b-c, Fig. 1.
 def masks_figure(mask, rows, cols, cell, title, left=86, top=44):
     """A bool matrix, a `cell` px square per entry, in [(name, length)] segments."""
     tiles = torch.tensor([GHOST, ALLOWED], dtype=torch.uint8)[mask.long()].view(-1, 3, 1, 1)
@@ -122,7 +122,7 @@ def masks_figure(mask, rows, cols, cell, title, left=86, top=44):
 
 
 def cmd_masks(args):
-    """Fig. 2b-c: the content (L, L) and query (M, L) masks; Fig. 1 if N is square."""
+    """Fig. 2b-c; Fig. 1 if N is square."""
     N, cut, objective = args.num_patches, args.cut, args.objective
     content, query = model.build_masks(objective, N, cut)
     (M, L), tag, G = query.shape, f'N{N}_cut{cut}', math.isqrt(N)
@@ -146,8 +146,8 @@ def cmd_masks(args):
 
 
 def what_targets_see(objective, perm, cut):
-    """(M, N) bools, raster order: the patches whose content, and whose position (a mask token
-    or query input), target t may use."""
+    """(M, N) bools, raster order: the patches whose content, and whose position, target t may
+    use."""
     N, targets = len(perm), perm[cut:]
     M = N - cut
     content, position = torch.zeros(2, M, N, dtype=torch.bool)
@@ -169,7 +169,7 @@ CAPTIONS = {'mim': 'MIM (Fig. 1a)\ncontent: unmasked patches\npositions: all mas
 
 
 def views_figure(pixels, cut, perm, max_steps=12, left=170):
-    """Fig. 1 on an image (3, S, S): (picture, *head)."""
+    """Fig. 1 on an image (3, S, S)."""
     N, S = len(perm), pixels.shape[-1]
     G, M, targets, panels = math.isqrt(N), N - cut, perm[cut:].tolist(), []
     steps = sorted(set(np.linspace(0, M - 1, min(M, max_steps)).round().astype(int).tolist()))
@@ -192,15 +192,15 @@ def views_figure(pixels, cut, perm, max_steps=12, left=170):
         draw.multiline_text((0, 28 + i * (S + 8)), caption, BLACK, font(12))
     shown = 'every step' if len(steps) == M else f'{len(steps)} of the {M} steps'
     return (img, f'What the prediction of target t may use: N = {N}, cut = {cut}, M = {M} '
-            f'targets ({shown})', 'faded: content hidden; input: the content stream\'s input, '
-            'numbered in permutation order (mim predicts all its masked patches at once)',
+            f'targets ({shown})', 'faded: content hidden; input: the content stream\'s, numbered '
+            'in permutation order (mim predicts all at once)',
             ('blue frame: position known (a mask token)', BLUE),
             ('red frame: the target predicted at step t', RED))
 
 
 # Token files: codebook patches (Fig. 3-5), token names (Sec. 5.3, App. C), token maps.
 def open_tokens(token_dir, data_root):
-    """(tokens (n, G, G), meta, dataset) of a tokenizer.py --out dir."""
+    """(tokens (n, G, G), meta, dataset)."""
     if not os.path.isfile(path := os.path.join(token_dir, 'meta.json')):
         raise ValueError(f'{token_dir} holds no meta.json: pass the --out dir of tokenizer.py')
     name, split, grid = map(json.loads(pathlib.Path(path).read_text()).get,
@@ -210,7 +210,7 @@ def open_tokens(token_dir, data_root):
 
 
 def token_counts(tokens, vocab_size, skipped=(), chunk=65536):
-    """Patches per token (K,), unreadable images left out; in chunks, as tokens is a memmap."""
+    """Patches per token (K,); in chunks, as tokens is a memmap."""
     keep = np.ones(len(tokens), dtype=bool)
     keep[list(skipped)] = False
     return sum(np.bincount(np.asarray(tokens[i:i + chunk])[keep[i:i + chunk]].ravel(),
@@ -218,7 +218,7 @@ def token_counts(tokens, vocab_size, skipped=(), chunk=65536):
 
 
 def find_examples(tokens, ids, per_token, skipped=(), seed=0, sample=50_000):
-    """{token: [(image, row, col)]}: per_token patches of each, from distinct images."""
+    """{token: [(image, row, col)]}, from distinct images."""
     order = np.random.default_rng(seed).permutation(len(tokens))
     order = order[~np.isin(order, list(skipped))][:sample]
     G, found = tokens.shape[1], {}
@@ -232,7 +232,7 @@ def find_examples(tokens, ids, per_token, skipped=(), seed=0, sample=50_000):
 
 
 def cmd_codebook(args):
-    """Fig. 3-5: a row of patches per token, with its id, count and (names) CLIP's name."""
+    """Fig. 3-5: a row of patches per token."""
     tokens, meta, dataset = open_tokens(args.tokens, args.data_root)
     paths, names = ([], None) if args.command == 'codebook' else name_tokens(args, meta)
     skipped, G, size = meta.get('skipped', ()), meta['grid'], meta['image_size']
@@ -259,9 +259,9 @@ PROMPT = 'a photo of a {}.'  # CLIP's basic zero-shot prompt
 
 
 def name_tokens(args, meta):
-    """([names.json], [(class, cosine)]): each k-CLIP centroid's best prompt (Sec. 4.2). The
-    attention pool is c_proj of a convex mix of v_proj(x_i + pos_i), so a map all of centroid c
-    embeds as c_proj(v_proj(c)), positions left out (as in MaskCLIP, Zhou et al. 2022)."""
+    """Each k-CLIP centroid's best prompt (Sec. 4.2). The attention pool is c_proj of a convex
+    mix of v_proj(x_i + pos_i), so a map all of centroid c embeds as c_proj(v_proj(c)) (MaskCLIP,
+    Zhou et al. 2022)."""
     file = pathlib.Path(args.classes)
     classes = file.read_text().splitlines() if file.is_file() else args.classes.split(',')
     if not (classes := [c.strip() for c in classes if c.strip()]):
@@ -288,7 +288,6 @@ def name_tokens(args, meta):
 
 
 def cmd_tokens(args):
-    """Each image (the tokenizer's crop) beside its token map."""
     tokens, meta, dataset = open_tokens(args.tokens, args.data_root)
     G, rows = meta['grid'], []
     for i in args.index:
@@ -306,8 +305,8 @@ def cmd_tokens(args):
 
 # curves: pretrain.py's log.jsonl files.
 def read_log(path):
-    """(steps, 3): step, loss, token accuracy. A resumed run logs steps again: the later line
-    wins. A killed run's torn last line is ignored."""
+    """(steps, 3): step, loss, token accuracy. A resumed run's later line wins; a killed run's
+    torn last line is ignored."""
     lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
     records = {}
     for n, line in enumerate(lines, 1):
@@ -324,7 +323,6 @@ def read_log(path):
 
 
 def line_chart(series, title, W=620, H=400, left=64, top=32, bottom=44):
-    """[(colour, xs, ys)] as lines, a dot on each last point."""
     (x0, x1), (y0, y1) = [(v.min(), v.max() + (v.max() == v.min())) for v in map(
         np.concatenate, zip(*[(x, y) for _, x, y in series]))]
 
@@ -360,8 +358,8 @@ def cmd_curves(args):
                                           (2, 100, 'token accuracy (%, top-1 on the targets)'))])
     finals = [(f'{label}: loss {r[-1, 1]:.3f}, token accuracy {r[-1, 2]:.1%}, step {r[-1, 0]:.0f}',
                c) for label, r, c in zip(labels, runs, colours)]
-    return [save(args.out, 'curves.png', body, 'Pre-training curves', 'token accuracy is over the '
-                 'masked patches (mim, beit) or the M = N - cut targets (pim, mapet)', *finals)]
+    return [save(args.out, 'curves.png', body, 'Pre-training curves', 'token accuracy: over the '
+                 'masked patches (mim, beit) or the targets (pim, mapet)', *finals)]
 
 
 # predictions: the tokens a pre-trained model predicts for one image's targets (Eq. 1-2).
@@ -374,13 +372,13 @@ def load_pretrainer(path):
                            vocab_size=ckpt['tokens']['vocab_size'], mask_ratio=a['mask_ratio'])
     try:
         pre.load_state_dict(ckpt['model'])
-    except RuntimeError as e:  # e.g. of an older model.py
+    except RuntimeError as e:  # e.g. an older model.py's
         raise ValueError(f'{path} does not fit its config: {str(e).splitlines()[0]}')
     return pre.eval(), ckpt
 
 
 def predict(pre, image, tokens, seed):
-    """[dict(step, patch, true, pred, prob)] per target, in prediction order."""
+    """A dict per target, in prediction order."""
     N, g = pre.num_patches, torch.Generator().manual_seed(seed)
     tokens = torch.as_tensor(tokens).reshape(1, N)
     if pre.two_stream:
@@ -397,7 +395,6 @@ def predict(pre, image, tokens, seed):
 
 
 def cmd_predictions(args):
-    """The image with its targets numbered, its tokens, the model's predictions."""
     pre, ckpt = load_pretrainer(args.checkpoint)
     run, G, stem = ckpt['args'], pre.grid, f'predictions_{pre.objective}_{args.index}'
     dataset = data.build_dataset(run['data'], 'train', args.data_root or run['data_root'])
@@ -458,7 +455,7 @@ def get_args_parser():
     s.add_argument('--index', type=int, nargs='+', default=[0, 1, 2], help='images, a row each')
 
     s = sub.add_parser('curves', parents=[out], help='loss and token accuracy of pretrain.py runs')
-    s.add_argument('logs', nargs='+', help='log.jsonl files of pretrain.py runs')
+    s.add_argument('logs', nargs='+', help='log.jsonl files')
     s.add_argument('--labels', help='comma-separated [the run directories]')
 
     s = sub.add_parser('predictions', parents=[out], help='predicted vs true tokens of an image')
@@ -480,7 +477,7 @@ def main(argv=None):
         if min(getattr(args, 'top', 1), getattr(args, 'per_token', 1)) < 1:
             raise ValueError('--top and --per-token must be at least 1')
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:  # bad input or files: one line
+    except (ValueError, OSError) as e:  # one line
         raise SystemExit(f'visualize.py {args.command}: {e}') from None
 
 

@@ -175,7 +175,7 @@ def test_tokenize_matches_reference():
         clip_model.tokenize(texts[-1])
 
 
-# ----------------------------------------------------------------------------- downloads
+# Downloads.
 
 
 @pytest.fixture

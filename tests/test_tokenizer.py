@@ -19,7 +19,7 @@ import data
 import tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = ['--vocab', '64', '--iters', '3']                     # the demo command, made quick
+DEMO = ['--vocab', '64', '--iters', '3']  # the demo command, made quick
 
 
 def blobs(n=2000, k=12, std=1.5, seed=0):
@@ -40,7 +40,6 @@ def assert_nearest(tokens, x, c, tol=1e-4):
     assert np.all(picked <= d.min(1) + tol * (1 + d.min(1)))
 
 
-# ---------------------------------------------------------------------------------------------
 # k-means
 
 
@@ -68,7 +67,7 @@ def test_lloyd_steps_match_sklearn_from_the_same_init():
 def test_assign_is_nearest_centroid_in_chunks():
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(3000, 16, generator=g) * 3, torch.randn(300, 16, generator=g) * 3
-    index, d2 = tokenizer.assign(x.half(), c, chunk=777)       # float16 storage, float32 maths
+    index, d2 = tokenizer.assign(x.half(), c, chunk=777)  # float16 storage, float32 maths
     d = nearest(x.half().float(), c)
     assert_nearest(index.numpy(), x.half().float(), c)
     assert np.allclose(d2.numpy(), d.min(1), rtol=1e-4, atol=1e-3)
@@ -85,22 +84,20 @@ def test_empty_cluster_is_reseeded():
         tokenizer.kmeans(torch.randn(9, 2), 10)
 
 
-# ---------------------------------------------------------------------------------------------
 # features
 
 
 def test_pixel_feature_is_the_vit_patch():
     """Feature (i, j) = the 3 x p x p block the ViT's patch embedding (stride-p conv) sees there."""
     images = torch.randn(2, 3, 32, 32)
-    f = tokenizer.pixel_features(images, 4)                   # [B, G, G, 3*4*4]
+    f = tokenizer.pixel_features(images, 4)  # [B, G, G, 3*4*4]
     assert f.shape == (2, 8, 8, 48)
     assert torch.equal(f[1, 2, 5], images[1, :, 8:12, 20:24].reshape(-1))
     conv = torch.nn.Conv2d(3, 7, 4, stride=4)
-    embedded = conv(images).permute(0, 2, 3, 1)               # [B, G, G, D]
+    embedded = conv(images).permute(0, 2, 3, 1)  # [B, G, G, D]
     assert torch.allclose(embedded, f @ conv.weight.reshape(7, -1).T + conv.bias, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------
 # the command on the demo (pixels)
 
 
@@ -117,8 +114,8 @@ def demo_run(tmp_path_factory):
 def demo_features(split, index):
     """The pixel features recomputed from the demo's uint8 images with numpy: [n, G*G, 48]."""
     img = data.DemoDataset(split).images[index] / 255.0
-    img = (img - data.IMAGENET_MEAN) / data.IMAGENET_STD     # [n, 32, 32, 3]
-    patches = img.reshape(-1, 8, 4, 8, 4, 3).transpose(0, 1, 3, 5, 2, 4)   # [n, G, G, 3, p, p]
+    img = (img - data.IMAGENET_MEAN) / data.IMAGENET_STD  # [n, 32, 32, 3]
+    patches = img.reshape(-1, 8, 4, 8, 4, 3).transpose(0, 1, 3, 5, 2, 4)  # [n, G, G, 3, p, p]
     return patches.reshape(len(img), 64, 48)
 
 
@@ -131,7 +128,7 @@ def test_demo_pixels_end_to_end(demo_run):
     assert codebook.dtype == np.float32 and codebook.shape == (64, 48)
     assert meta == train and meta['features'] == 'pixels' and meta['image_size'] == 32
     assert meta['skipped'] == []
-    assert abs(meta['features_fitted'] - 0.1 * 5000 * 64) < 0.03 * 0.1 * 5000 * 64   # --sample 0.1
+    assert abs(meta['features_fitted'] - 0.1 * 5000 * 64) < 0.03 * 0.1 * 5000 * 64  # --sample 0.1
     assert len(meta['inertia']) == 4 and 1 < meta['perplexity'] <= meta['tokens_used'] <= 64
     some = np.arange(0, 5000, 10)
     assert_nearest(tokens[some], demo_features('train', some).reshape(-1, 48), codebook)
@@ -207,7 +204,6 @@ dist.destroy_process_group()
     assert m1['features_fitted'] == m2['features_fitted'] and m2['world_size'] == 2
 
 
-# ---------------------------------------------------------------------------------------------
 # the command with CLIP features on an image folder
 
 
@@ -259,12 +255,11 @@ def test_clip_features_end_to_end(tmp_path):
         layer4.clear()
         with torch.no_grad():
             ref.encode_image(images)
-        feats = layer4[0].permute(0, 2, 3, 1).reshape(-1, 512)                   # [n*G*G, C]
+        feats = layer4[0].permute(0, 2, 3, 1).reshape(-1, 512)  # [n*G*G, C]
         assert_nearest(tokens[keep], feats.numpy(), codebook)
         assert len(set(tokens[keep].ravel().tolist())) > 1
 
 
-# ---------------------------------------------------------------------------------------------
 # bad input: one line, saying what to do
 
 
