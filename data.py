@@ -351,7 +351,7 @@ def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=Non
             features = meta.get('features', 'pixels' if dataset_name == 'demo' else 'clip')
             pixels = ' --features pixels' + (f' --patch {patch}' if patch else '')
             command += f' --grid {grid}{pixels if features == "pixels" else ""} --out {out}'
-        return f'run `{command}`' + ('' if out == token_dir else f' and pass {out}')
+        return f'run `{command}`' + ('' if out == token_dir else f' and pass --tokens {out}')
     for path in (npy, js):
         if not os.path.isfile(path):
             raise ValueError(f'no token file {path}: {fix({})}')

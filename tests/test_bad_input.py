@@ -108,7 +108,7 @@ def test_the_suggested_tokenizer_command_makes_the_run_pass(tmp_path):
         *FAST,
     ]
     line = refusal(pretrain.main, [*argv, '--tokens', tokens])
-    command, new_dir = re.search(r'run `([^`]+)` and pass (\S+)', line).groups()
+    command, new_dir = re.search(r'run `([^`]+)` and pass --tokens (\S+)', line).groups()
     assert '--grid 14' in command and '--patch 16' in command and new_dir != tokens
     cmd = shlex.split(command)
     subprocess.run(
