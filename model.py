@@ -73,7 +73,9 @@ class Attention(nn.Module):
         D, H = x.shape[-1], self.num_heads
         w, b = self.qkv.weight, self.qkv.bias
         q = F.linear(x, w[:D], b[:D]).unflatten(-1, (H, -1)).transpose(1, 2)
-        k, v = F.linear(context, w[D:], b[D:]).unflatten(-1, (2, H, -1)).permute(2, 0, 3, 1, 4)
+        # baddbmm reads a strided context (two_stream's view) in place; F.linear would copy it
+        kv = torch.baddbmm(b[D:], context, w[D:].T.expand(len(context), -1, -1))  # (B, L, 2D)
+        k, v = kv.unflatten(-1, (2, H, -1)).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def forward(self, x, context, mask=None):
@@ -131,9 +133,7 @@ class Block(nn.Module):
     def forward(self, x, context=None, mask=None, drops=None):
         """x (B, T, D) -> (B, T, D), attending to context (B, L, D): x itself in a plain ViT."""
         xn = self.norm1(x)
-        context = xn if context is None else self.norm1(context)
-        x = x + self.drop_path(self.ls1(self.attn(xn, context, mask)), drops)
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), drops)
+        return self.residuals(x, xn, xn if context is None else self.norm1(context), mask, drops)
 
     def two_stream(self, h, g, mask, drops=None):
         """Eq. 3: content stream h (B, L, D), query stream g (B, M, D) -> (h, g), weights shared.
@@ -143,9 +143,15 @@ class Block(nn.Module):
         call serves both streams, with the mask [content_mask; query_mask] (L+M, L).
         """
         x = torch.cat([h, g], dim=1)  # (B, L+M, D)
-        # h as a view of x, so autograd keeps no second copy of it (-5% memory)
-        h = x[:, :h.shape[1]]
-        return self(x, h, mask, drops).split([h.shape[1], g.shape[1]], dim=1)
+        xn = self.norm1(x)
+        # LayerNorm acts per row: h's normalised rows are a view of xn's, no second pass or copy
+        x = self.residuals(x, xn, xn[:, :h.shape[1]], mask, drops)
+        return x.split([h.shape[1], g.shape[1]], dim=1)
+
+    def residuals(self, x, xn, context, mask, drops):
+        """x + attention of its normalised rows xn to `context` (normalised), then x + MLP."""
+        x = x + self.drop_path(self.ls1(self.attn(xn, context, mask)), drops)
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), drops)
 
 
 class VisionTransformer(nn.Module):
