@@ -31,29 +31,17 @@ def state_of(out):
     return training.load_checkpoint(os.path.join(out, 'ckpt.pt'))
 
 
+# The demo run's settings, shared by the first run and its rerun so they cannot drift apart.
+DEMO_RUN = ['--objective', 'mapet', '--steps', '2', '--batch-size', '16', '--dtype', 'float32',
+            '--log-every', '1']
+
+
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     """The real command in a fresh process, as a user runs it: the demo's tokens are made first."""
     tmp = tmp_path_factory.mktemp('demo')
     tokens, out = str(tmp / 'tokens'), str(tmp / 'run')
-    cmd = [
-        sys.executable,
-        'pretrain.py',
-        '--objective',
-        'mapet',
-        '--tokens',
-        tokens,
-        '--out',
-        out,
-        '--steps',
-        '2',
-        '--batch-size',
-        '16',
-        '--dtype',
-        'float32',
-        '--log-every',
-        '1',
-    ]
+    cmd = [sys.executable, 'pretrain.py', *DEMO_RUN, '--tokens', tokens, '--out', out]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return result, tokens, out
 
@@ -122,24 +110,7 @@ def test_main_command_builds_tokens_and_writes_checkpoints(demo_run):
 def test_a_rerun_reproduces_the_first_run(demo_run, tmp_path):
     """The first run made the tokens, the rerun finds them: making them must not shift the seeds."""
     _, tokens, out = demo_run
-    pretrain.main(
-        [
-            '--objective',
-            'mapet',
-            '--tokens',
-            tokens,
-            '--out',
-            str(tmp_path),
-            '--steps',
-            '2',
-            '--batch-size',
-            '16',
-            '--dtype',
-            'float32',
-            '--log-every',
-            '1',
-        ]
-    )
+    pretrain.main([*DEMO_RUN, '--tokens', tokens, '--out', str(tmp_path)])
     np.testing.assert_allclose(
         [r['loss'] for r in read_log(tmp_path)], [r['loss'] for r in read_log(out)], rtol=1e-6
     )
