@@ -1,14 +1,13 @@
-"""How fast is a pre-training step, and how far from the hardware? (DESIGN "Scale and speed")
+"""How fast is a pre-training step, and how far from the hardware? (README "Speed")
 
-A forward + backward step of model.py's Pretrainer per objective (Sec. 3-4.1) beside research
-code's naive two-stream step: time, peak memory, FLOPs, MFU, masks' cost; then Sec. 4.2's tokenizer.
+A forward + backward step of model.py's Pretrainer per objective (Sec. 3-4.1) beside a naive
+two-stream step: time, peak memory, FLOPs, MFU, masks' cost; then Sec. 4.2's tokenizer.
 
     python bench.py --threads 2                               # CPU: ViT-T, batch 8, fp32 (~6 min)
-    python bench.py --quick                                   # a smoke test (under a minute)
+    python bench.py --quick                                   # smoke test, under a minute
     python bench.py --device cuda --compile --json gpu.jsonl  # GPU: ViT-B, batch 128, bf16
-    python bench.py --profile --no-tokenizer                  # plus torch.profiler's top ops
 
-Variants are timed in turns, a step of each and a matmul per round, so all see the same load.
+Variants take turns, a step of each and a matmul per round, so all see the same load.
 ± is the inter-quartile range.
 """
 import argparse
@@ -59,8 +58,7 @@ def naive_masks(perm, cut, objective, num_heads, device):
             .repeat(1, num_heads, 1, 1).to(device) for ok in map(torch.stack, (content, query))]
 
 
-def naive_attention(attn, x, context, mask):
-    """q from x, k and v from context."""
+def naive_attention(attn, x, context, mask):  # q from x, k and v from context
     w, b, H = attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3), attn.num_heads
     q, k, v = (F.linear(y, w[i], b[i]).unflatten(-1, (H, -1)).transpose(1, 2)  # (B, H, T, hd)
                for i, y in enumerate((x, context, context)))
@@ -110,7 +108,7 @@ def sdpa_flops(q, k, v, *args, **kwargs):
     return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
 
 
-# FlopCounterMode counts the GPU attention kernels, not the CPU one: add it (backward 2x forward).
+# FlopCounterMode counts GPU attention kernels, not the CPU one: add it (backward 2x forward).
 CPU_SDPA_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
@@ -119,7 +117,7 @@ CPU_SDPA_FLOPS = {
 
 
 def count_flops(step):
-    """FLOPs of one step, and its SDPA kernel (e.g. flash_attention_for_cpu)."""
+    """FLOPs of a step and its SDPA kernel (e.g. flash_attention_for_cpu)."""
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
         step()
     prefix = 'aten._scaled_dot_product_'
@@ -144,7 +142,7 @@ def profiler(**kwargs):
 
 
 def step_memory(fn, device):
-    """Peak bytes fn() holds; on a CPU, the running sum of the profiler's allocations and frees."""
+    """Peak bytes fn() holds; on a CPU, from the running sum of profiled allocations and frees."""
     gc.collect()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -203,7 +201,7 @@ def variants_for(objective, args, images, tokens):
 def time_in_turns(variants, matmul, args):
     """Fills v.times; returns the matmul's."""
     for v in variants:
-        if v.compiled:  # the first call compiles: never a timed step
+        if v.compiled:  # the first call compiles: untimed
             print(f'compiled {v.name} in {seconds(v.step):.0f} s')
     matmul_times = []
     for _ in range(args.warmup + args.repeats):
@@ -248,7 +246,7 @@ def table_line(r=None):
 
 
 def targets(rows, gpu):
-    """(name, value, op, target): DESIGN's (ViT-T, fp32, 2 CPU cores; ViT-B, bf16, an H100)."""
+    """(name, value, op, target): README's (ViT-T, fp32, 2 CPU cores; ViT-B, bf16, an H100)."""
     get, checks = {r['variant']: r for r in rows}.get, []
     for obj in ('pim', 'mapet'):
         ours, naive = get(f'{obj} ours'), get(f'{obj} naive')
@@ -300,9 +298,9 @@ def get_args_parser():
     add('--model', choices=list(MODEL_CONFIGS), help='[tiny; base on a GPU]')
     add('--batch', type=int, help='[8; 128 on a GPU] (paper: 2048)')
     add('--dtype', default='auto', choices=['auto', *training.DTYPES],
-        help='[auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on a CPU]')
+        help='[auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU]')
     add('--vocab-size', type=int, default=8192, help='visual tokens (paper: 8192)')
-    add('--cut', type=int, help='visible patches of pim/mapet [0.3 N, Tab. 6]')
+    add('--cut', type=int, help='pim/mapet visible patches [0.3 N, Tab. 6]')
     add('--objectives', nargs='+', default=list(OBJECTIVES), choices=OBJECTIVES)
     add('--reference', action=argparse.BooleanOptionalAction, default=True,
         help='time the naive step too')
@@ -355,7 +353,7 @@ def bench_steps(args, device, emit):
     N = (cfg['img_size'] // cfg['patch_size']) ** 2
     tokens = torch.randint(args.vocab_size, (args.batch, N), device=device)
     variants = [v for obj in args.objectives for v in variants_for(obj, args, images, tokens)]
-    # The attainable peak: n x n x n matmuls in the step's dtype, timed in the same turns.
+    # Attainable peak: n x n x n matmuls in the step's dtype, timed in the turns.
     n, calls = (8192, 20) if gpu else (256 if args.quick else 2048, 1)
     a, b = torch.randn(2, n, n, device=device).to(training.DTYPES[args.dtype])
     times = time_in_turns(variants, lambda: [torch.mm(a, b) for _ in range(calls)], args)

@@ -1,16 +1,13 @@
-"""OpenAI CLIP with ResNet image towers, compactly; loads OpenAI's checkpoints unchanged.
+"""OpenAI CLIP with ResNet image towers; loads OpenAI's checkpoints unchanged.
 
-k-CLIP (paper Sec. 4.2) clusters `layer4` of a CLIP ResNet (`encode_dense`, on images normalised
-with IMAGE_MEAN / IMAGE_STD at 32*G px); the paper used RN50x64 (C = 4096), this project RN50
-(2048). The architecture is read from the tensor shapes, so a checkpoint loads with strict=True;
-ViT CLIP models are refused.
+k-CLIP (Sec. 4.2) clusters `layer4` of a CLIP ResNet (`encode_dense`, on images normalised with
+IMAGE_MEAN / IMAGE_STD at 32*G px); the paper used RN50x64 (C = 4096), this project RN50 (2048).
+The architecture is read from the tensor shapes, so checkpoints load with strict=True; ViT CLIP
+models are refused.
 
-    model = clip_model.load('RN50')  # downloads to ~/.cache/clip ($CLIP_CACHE)
-    model = clip_model.load('RN50x64.pt', 'cuda')  # a local file: no network
+    model = clip_model.load('RN50')  # or a file; downloads to ~/.cache/clip ($CLIP_CACHE)
     feats = model.encode_dense(x)  # (B, 3, 448, 448) -> (B, 2048, 14, 14)
     logits_per_image, logits_per_text = model(x224, clip_model.tokenize(['a dog', 'a cat']))
-
-Test: python -m pytest -q tests/test_clip_model.py
 """
 import gzip
 import hashlib
@@ -33,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's training-set pixel statistics (RGB)
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's training-set RGB statistics
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# OpenAI's release; each URL names its file's SHA-256, which download() checks.
+# OpenAI's release; each URL names its file's SHA-256, checked by download().
 URL = 'https://openaipublic.azureedge.net/clip/models/{}/{}.pt'
 MODELS = {name: URL.format(sha256, name) for name, sha256 in (
     ('RN50', 'afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762'),
@@ -62,7 +59,7 @@ def byte_alphabet():
     table = {b: chr(b) for b in printable}
     for n, b in enumerate(b for b in range(256) if b not in table):
         table[b] = chr(256 + n)  # unused code points
-    return table  # in the order of the first 256 vocabulary ids
+    return table  # the first 256 vocabulary ids, in order
 
 
 class BPETokenizer:
@@ -110,7 +107,7 @@ def bpe_tokenizer():
 
 def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = False):
     """Texts -> (B, context_length) int64, zero-padded, as clip.tokenize; too long: RuntimeError,
-    or with truncate=True cut to end with <|endoftext|>."""
+    or with truncate=True cut, ending in <|endoftext|>."""
     texts = [texts] if isinstance(texts, str) else texts
     tok = bpe_tokenizer()
     sot, eot = tok.encoder[SOT], tok.encoder[EOT]
@@ -120,12 +117,12 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
         if len(ids) > context_length:
             if not truncate:
                 raise RuntimeError(f'Input {text} is too long for context length {context_length} '
-                                   f'(pass truncate=True to cut it)')
+                                   '(truncate=True cuts it)')
             ids = ids[:context_length - 1] + [eot]
         out[i, :len(ids)] = torch.tensor(ids)
     return out
 
-# Image tower (ModifiedResNet).
+# Image tower.
 
 
 def conv_bn(cin, cout, k, stride=1):  # (conv, bn) pair, OpenAI's convN / bnN keys
@@ -143,7 +140,7 @@ class Bottleneck(nn.Module):
         self.avgpool = pool()
         self.conv3, self.bn3 = conv_bn(planes, out, 1)
         self.downsample = None
-        if stride > 1 or inplanes != out:  # keys downsample.0 (conv) and downsample.1 (bn)
+        if stride > 1 or inplanes != out:  # OpenAI's downsample.0 / .1 keys
             conv, bn = conv_bn(inplanes, out, 1)
             self.downsample = nn.Sequential(OrderedDict([('pool', pool()), ('0', conv), ('1', bn)]))
 
@@ -155,7 +152,7 @@ class Bottleneck(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
-    """In place of global average pooling: the mean feature, the only query, attends over itself
+    """Instead of global average pooling, the mean feature (the only query) attends to itself
     and the G x G positions (a learned positional embedding fixes G)."""
 
     def __init__(self, grid, dim, heads, output_dim):
@@ -320,7 +317,7 @@ def download(url, root):
     if os.path.isfile(target):
         if sha256(target) == expected:
             return target
-        warnings.warn(f'{target} does not have the expected SHA-256; downloading it again')
+        warnings.warn(f'{target} lacks the expected SHA-256; downloading it again')
     os.makedirs(root, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=name + '.', suffix='.part')
     try:
@@ -331,8 +328,8 @@ def download(url, root):
                     bar.update(out.write(chunk))
     except OSError as e:  # URLError, HTTPError, a timeout, a full disk
         os.remove(tmp)
-        raise SystemExit(f'cannot download {url} ({getattr(e, "reason", e)}); without network, '
-                         f'fetch it elsewhere and save it as {target}, or pass its path') from None
+        raise SystemExit(f'cannot download {url} ({getattr(e, "reason", e)}); offline, fetch it '
+                         f'elsewhere and save it as {target}, or pass its path') from None
     if (got := sha256(tmp)) != expected:
         os.remove(tmp)
         raise SystemExit(f'{url} downloaded with SHA-256 {got}, expected {expected}; the file was '
@@ -349,7 +346,7 @@ def read_state_dict(path):
     except zipfile.BadZipFile:
         scripted = False
     try:
-        with warnings.catch_warnings():  # torch.jit is deprecated, but it is what OpenAI ships
+        with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships it
             warnings.simplefilter('ignore', FutureWarning)
             sd = (torch.jit.load(path, map_location='cpu').state_dict() if scripted
                   else torch.load(path, map_location='cpu', weights_only=True))
@@ -375,11 +372,11 @@ def load(name_or_path: str, device='cpu', download_root: str | None = None) -> C
         raise SystemExit(f'no CLIP model {name_or_path!r}: not a file, and not one of '
                          f'{", ".join(MODELS)}')
     sd = read_state_dict(path)
-    with torch.device('meta'):  # no memory, no random init: every tensor comes from the file
+    with torch.device('meta'):  # no memory, no init: every tensor comes from the file
         model = CLIP(config_from_state_dict(sd, path))
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise SystemExit(f'{path} does not match the CLIP architecture its shapes imply: '
+        raise SystemExit(f'{path} does not fit the CLIP its shapes imply: '
                          f'{" ".join(str(e).split())[:300]}') from None
     return model.float().to(device).eval()

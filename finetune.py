@@ -6,12 +6,11 @@ ImageNet-1k), App. D and Tab. 8 (the recipe: SIZES and PAPER below, no gradient 
 
     python finetune.py --checkpoint runs/pretrain_mapet/backbone.pt   # demo: ~4 min on 2 CPUs
     python finetune.py --checkpoint none                              # from scratch (Tab. 2 "ViT")
-    python finetune.py --checkpoint runs/finetune_mapet/ckpt.pt --eval-only
     torchrun --nproc_per_node=8 finetune.py --checkpoint runs/pretrain_mapet_base/backbone.pt \\
-        --data /path/imagenet --accum 2         # ViT-B: 100 epochs, batch 1024 = 8 GPUs x 2 x 64
+        --data /path/imagenet --accum 2  # ViT-B: 100 epochs, batch 1024 = 8 GPUs x 2 x 64
 
 Writes to --out: ckpt.pt (every epoch; --resume continues it exactly), classifier.pt (timm's
-layout: classifier.json says how it loads strictly), log.jsonl, args.json; a --results line.
+layout; classifier.json: how it loads strictly), log.jsonl, args.json; a --results line.
 
 Augmentations and drop path are drawn per sample as in pretrain.py; mixup / cutmix per micro-batch
 from (--seed, step, rank, micro-batch): 2 processes == 1 and --accum hold up to mixup.
@@ -33,15 +32,14 @@ import model
 import training
 from training import print0
 
-# Tab. 8 per size: peak lr at batch 1024, epochs, layer-wise lr decay; micro: the demo's
+# Tab. 8 per size (lr: the peak at batch 1024); micro: the demo's
 SIZES = {
     'micro': dict(lr=1.6e-2, epochs=4, layer_decay=0.75),
     'tiny': dict(lr=2.5e-4, epochs=300, layer_decay=1.0),
     'small': dict(lr=5e-3, epochs=200, layer_decay=0.65),
     'base': dict(lr=5e-4, epochs=100, layer_decay=0.65),
 }
-# The defaults --data selects: Tab. 8's, or the demo's, without augmentations (measured: 10-12%
-# top-1 after 2 epochs with them, 14% without).
+# Per --data: Tab. 8's defaults, or the demo's, unaugmented (2 epochs: 14% top-1, 10-12% augmented)
 PAPER = dict(batch_size=1024, warmup_epochs=20, workers=training.default_workers(),
              **data.PAPER_CROPS, randaug=9, reprob=0.25, mixup=0.8, cutmix=1.0)
 DEMO = dict(batch_size=128, warmup_epochs=0.5, workers=0, **data.DEMO_CROPS, randaug=0, reprob=0,
@@ -60,7 +58,7 @@ def get_args_parser():
 
     def per_size(key):
         paper = ', '.join(f'{s} {v[key]:g}' for s, v in SIZES.items() if s != 'micro')
-        return f'[Tab. 8: {paper}; micro and --data demo: {SIZES["micro"][key]:g}]'
+        return f'[Tab. 8: {paper}; micro, demo: {SIZES["micro"][key]:g}]'
 
     def default(key):
         return f'[paper: {PAPER[key]}; demo: {DEMO[key]}]'
@@ -112,8 +110,8 @@ def resolve_args(args):
             setattr(args, key, value)
     training.check_args(args, POSITIVE, RANGES)
     if args.eval_only and (args.resume or args.checkpoint == 'none'):
-        raise ValueError('--eval-only evaluates the classifier in --checkpoint, a ckpt.pt of '
-                         'finetune.py; it takes neither --resume nor --checkpoint none')
+        raise ValueError('--eval-only evaluates a finetune.py ckpt.pt (--checkpoint); it takes '
+                         'neither --resume nor --checkpoint none')
     if args.out is None:
         source = 'scratch' if args.checkpoint == 'none' else os.path.basename(
             os.path.dirname(os.path.abspath(args.checkpoint))).removeprefix('pretrain_')
@@ -123,7 +121,7 @@ def resolve_args(args):
 
 
 def resolve_size(args, size):
-    """Tab. 8's defaults for `size` (--data demo: the demo's epochs) and a line saying so."""
+    """Tab. 8's defaults for `size` (--data demo: the demo's epochs) and its line."""
     args.model, demo = size, args.data == 'demo' and size != 'micro'
     defaults = dict(SIZES[size], epochs=SIZES['micro' if demo else size]['epochs'])
     for key, value in defaults.items():
@@ -134,12 +132,11 @@ def resolve_size(args, size):
             'epochs' + (" (the demo's)" if demo else ''))
 
 
-# Training data (Tab. 8): bicubic random resized crop, flip, RandAugment, random erasing, mixes.
-
+# Training data (Tab. 8): augmentations, mixup / cutmix.
 
 class RandAugment(transforms.RandAugment):
     """Two ops on timm's scale ('rand-m9-mstd0.5', Tab. 8's "9/0.5"): M of 10, redrawn per op from
-    N(M, std); torchvision reads self.magnitude once per op, so a property redraws it."""
+    N(M, std); torchvision reads self.magnitude once per op, so it is a property."""
 
     def __init__(self, magnitude, std):
         fill = [round(255 * m) for m in data.IMAGENET_MEAN]
@@ -182,13 +179,13 @@ def batch_mixer(args, num_classes):
     return apply
 
 
-# The model: the pre-trained backbone + a new fc_norm and head (Sec. 5.1), layer-wise lr decay.
+# The model: the pre-trained backbone, a new fc_norm and head (Sec. 5.1), layer decay.
 
 def build_classifier(args, num_classes):
     if args.checkpoint == 'none':
         recipe = resolve_size(args, args.model or ('micro' if args.data == 'demo' else 'base'))
         vit = model.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
-        return vit, f'--checkpoint none: a random {args.model} ViT (Tab. 2, "ViT" row); {recipe}'
+        return vit, f'--checkpoint none: a random {args.model} ViT (Tab. 2, "ViT"); {recipe}'
     if args.checkpoint.endswith('classifier.pt'):
         raise ValueError(f'{args.checkpoint} is an exported timm-layout state dict; pass the '
                          'ckpt.pt beside it')
@@ -198,7 +195,7 @@ def build_classifier(args, num_classes):
     if size not in SIZES:
         shape = ', '.join(f'{k} {vit.config[k]}' for k in training.SIZE_KEYS)
         raise ValueError(f'{args.checkpoint} holds a ViT of no known size ({shape}): finetune.py '
-                         f'runs the sizes {", ".join(SIZES)} of model.MODEL_CONFIGS')
+                         f'runs the sizes {", ".join(SIZES)}')
     return vit, f'{report}; {resolve_size(args, size)}'
 
 
@@ -223,7 +220,7 @@ def timm_call(vit):
 
 
 def export_classifier(out, vit, classes):
-    """classifier.pt: the state dict in timm's names; classifier.json: how to load it."""
+    """classifier.pt: the state dict in timm's names; classifier.json: how it loads."""
     training.save_checkpoint(os.path.join(out, 'classifier.pt'), vit.state_dict())
     with open(os.path.join(out, 'classifier.json'), 'w') as f:
         json.dump(dict(timm=timm_call(vit), strict=True, config=vit.config, classes=list(classes),
@@ -239,7 +236,7 @@ def build(args, d):
         args, os.path.join(args.out, 'ckpt.pt'), ('checkpoint', 'model', 'data', 'batch_size'))
     if args.eval_only and 'newly initialised' in report:
         raise ValueError(f'{args.checkpoint} holds no classifier for the {len(classes)} classes of '
-                         f'{args.data}: --eval-only needs a ckpt.pt of finetune.py for it')
+                         f'{args.data}: --eval-only needs a finetune.py ckpt.pt')
     img_size = vit.patch_embed.img_size
     val = data.build_dataset(args.data, 'val', args.data_root,
                              data.eval_transform(img_size, args.eval_crop))
@@ -275,7 +272,7 @@ def run(args, d):
     if start >= s.last:
         top1, top5 = ckpt['result']['top1'], ckpt['result']['top5']
         print0(f'{out}/ckpt.pt is a finished run (step {start} of {s.last}): top-1 {top1:.2f}%, '
-               f'top-5 {top5:.2f}%; nothing written (raise --steps or --epochs to train on)')
+               f'top-5 {top5:.2f}%; nothing written (raise --steps or --epochs)')
         return dict(ckpt['result'], epochs=start / s.steps_per_epoch, seconds=0.0, out=out)
     training.start_run(args, out, d)
     optimizer = torch.optim.AdamW(layer_decay_groups(vit, args.weight_decay, args.layer_decay),
@@ -300,7 +297,7 @@ def run(args, d):
         stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, micro-batches
         for k, (epochs, index, images, labels) in enumerate(micro_batches):
             drop = data.per_sample(vit.draw_drop, epochs, index, args.seed, 2).to(device)
-            with data.keyed(args.seed, step, d.rank, k, 3):  # one mixup or cutmix per micro-batch
+            with data.keyed(args.seed, step, d.rank, k, 3):
                 images, targets = mix(images.to(device, non_blocking=True),
                                       labels.to(device, non_blocking=True))
             with training.autocast(dtype, device):

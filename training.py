@@ -1,7 +1,7 @@
 """What pretrain.py, finetune.py and probe.py share. Checkpoints hold only tensors and plain
 values: weights_only=True loads them.
 
-    d = training.setup_distributed('cpu')      # Dist(rank, local_rank, world_size, device, is_main)
+    d = training.setup_distributed('cpu')  # Dist(rank, local_rank, world_size, device, is_main)
     backbone, report = training.load_backbone('runs/pretrain_mapet/backbone.pt', num_classes=10)
 """
 import contextlib
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 import data
 import model
 
-# Processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
+# Processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one.
 
 Dist = namedtuple('Dist', 'rank local_rank world_size device is_main')
 
@@ -72,7 +72,7 @@ def check_device(name):
     except RuntimeError:
         raise ValueError(f'--device {name} is not a device: use cuda, cpu or cuda:N') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'--device {name}: no GPU is visible to this process; pass --device cpu')
+        raise ValueError(f'--device {name}: no GPU is visible; pass --device cpu')
 
 
 def check_args(args, positive=(), ranges=()):
@@ -107,7 +107,7 @@ def seed_everything(seed, rank):
     torch.manual_seed(seed + rank)
 
 
-# Optimisation: the schedule (Tab. 7-8), the parameter groups, one mixed-precision path.
+# Optimisation: the schedule (Tab. 7-8), parameter groups, mixed precision.
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, warmup_lr):
     """Linear warmup, then cosine decay, per step (Tab. 7)."""
@@ -142,7 +142,7 @@ def plan(args, num_images, d, reference_batch, warmup_lr):
 
 def param_groups(module, weight_decay, lr_scale=None):
     """AdamW groups of the trainable tensors, no weight decay on 1-D ones (biases, norms, layer
-    scale) nor the position / CLS / mask tokens (Tab. 7); `lr_scale(name)`: a per-tensor factor."""
+    scale) or position / CLS / mask tokens (Tab. 7); `lr_scale(name)`: a per-tensor factor."""
     groups = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -178,10 +178,9 @@ def grad_scaler(dtype, device):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-# The steps of a training loop, the same for every stage that trains.
+# Training-loop steps, shared by the stages that train.
 
 def wrap_ddp(module, d):
-    """None on one process."""
     if d.world_size == 1:
         return None
     ids = [d.local_rank] if d.device.type == 'cuda' else None
@@ -198,7 +197,7 @@ def train_loader(dataset, d, seed, s, accum, workers):
 
 
 def steps(loader, start, s, accum, ddp, script):
-    """(step, its `accum` micro-batches) up to s.last; a resumed run skips what it had taken."""
+    """(step, its `accum` micro-batches) up to s.last; a resumed run skips what it took."""
     for epoch in range(start // s.steps_per_epoch, -(-s.last // s.steps_per_epoch)):
         first = max(start, epoch * s.steps_per_epoch)
         loader.sampler.set_epoch(epoch)
@@ -209,7 +208,7 @@ def steps(loader, start, s, accum, ddp, script):
 
 
 def micro_batches(batches, accum, ddp, script, step):
-    """`accum` batches, all but the last under no_sync: gradients are all-reduced once a step."""
+    """`accum` batches, all but the last under no_sync: one gradient all-reduce a step."""
     for k in range(accum):
         batch = next(batches)
         if batch is None:
@@ -219,8 +218,8 @@ def micro_batches(batches, accum, ddp, script, step):
 
 
 def finish_step(stats, optimizer, scaler, clip_grad, step, script, ckpt_path):
-    """Sum `stats` (loss sum, micro-batches, ...) over ranks, so a non-finite loss stops every rank
-    before the weights change; (loss, sums, grad norm, overflow)."""
+    """Sum `stats` (loss sum, micro-batches, ...) over ranks: a non-finite loss stops all ranks
+    before the weights change. (loss, sums, grad norm, overflow)."""
     if dist.is_initialized():
         dist.all_reduce(stats)
     sums = stats.tolist()
@@ -261,7 +260,7 @@ def peak_memory_mb(device):
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-# Files: checkpoints, the JSON-lines log, the run's arguments.
+# Files: checkpoints, the JSON-lines log, args.json.
 
 def save_checkpoint(path, obj):
     """Atomic: a kill during the write keeps the previous file."""
@@ -280,16 +279,15 @@ def load_checkpoint(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch's message advises the unsafe weights_only=False
         raise ValueError(f'{path} is not a readable checkpoint of this project ({type(e).__name__}'
-                         '): it is damaged or another kind of file; pass a ckpt.pt or backbone.pt '
-                         'written by pretrain.py or finetune.py') from None
+                         '): damaged or another kind of file; pass a ckpt.pt or backbone.pt of '
+                         'pretrain.py or finetune.py') from None
 
 
 def resume_or_start(args, path, same):
     """--resume: the ckpt.pt at `path` if its `same` flags agree; else None, never overwriting."""
     if not args.resume:
         if os.path.exists(path):
-            raise ValueError(f'{path} exists: pass --resume to continue that run, or another --out '
-                             '(or delete it) to start a new one')
+            raise ValueError(f'{path} exists: pass --resume to continue it, or another --out')
         return None
     ckpt = load_checkpoint(path)
     was = ckpt['args']
@@ -298,7 +296,7 @@ def resume_or_start(args, path, same):
             f = '--' + flag.replace('_', '-')
             raise ValueError(f'{path} is a run with {f} {was[flag]}; this run asks for {f} '
                              f'{getattr(args, flag)}: pass {f} {was[flag]} to continue it, or '
-                             'another --out to start a new run')
+                             'another --out')
     changed = [f'--{k.replace("_", "-")} {getattr(args, k)} (was {v})'
                for k, v in sorted(was.items())
                if k not in ('resume', 'steps') and getattr(args, k, v) != v]
@@ -333,7 +331,7 @@ def print_run(args, d=None):
 
 
 def start_run(args, out_dir, d):
-    """A new run drops the log of an attempt that saved no ckpt."""
+    """A new run drops the log of an attempt without a ckpt."""
     os.makedirs(out_dir, exist_ok=True)
     revision, log = print_run(args, d), os.path.join(out_dir, 'log.jsonl')
     if d.is_main:
@@ -344,7 +342,7 @@ def start_run(args, out_dir, d):
                            world_size=d.world_size, torch=torch.__version__), f, indent=1)
 
 
-# The backbone file: what pre-training hands to fine-tuning and probing.
+# The backbone file, from pre-training to fine-tuning and probing.
 HEAD = ('fc_norm.', 'head.')  # the classifier; pre-training never trains it
 SIZE_KEYS = ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads')
 
@@ -363,13 +361,12 @@ def size_name(config):
 
 
 def load_backbone(path, num_classes, drop_path_rate=0.1, expect=None):
-    """(ViT, report) from a backbone.pt or ckpt.pt: every backbone tensor must be there; fc_norm
-    and head are new unless fine-tuned ones fit. `expect`: config values required."""
+    """(ViT, report) from a backbone.pt or ckpt.pt: all backbone tensors are required; fc_norm
+    and head are new unless fine-tuned ones fit. `expect`: required config values."""
     ckpt = load_checkpoint(path)
     config, state = ckpt.get('config'), ckpt.get('state_dict', ckpt.get('model'))
     if config is None or state is None:
-        raise ValueError(f'{path} is not a backbone.pt or ckpt.pt of this project (it holds '
-                         f'{", ".join(sorted(ckpt)[:8])})')
+        raise ValueError(f'{path} is no backbone.pt/ckpt.pt (keys {", ".join(sorted(ckpt)[:8])})')
     for key, wanted in (expect or {}).items():
         if config.get(key) != wanted:
             theirs, asked = size_name(config), size_name({**config, **expect})
@@ -390,7 +387,7 @@ def load_backbone(path, num_classes, drop_path_rate=0.1, expect=None):
     new = sorted({k.split('.')[0] for k in missing if k.startswith(HEAD)})
     missing = [k for k in missing if not k.startswith(HEAD)]
     if missing or unexpected:
-        raise ValueError(f'{path} does not match the ViT its config describes: missing '
+        raise ValueError(f'{path} does not match its config\'s ViT: missing '
                          f'{missing[:5]}, unexpected {unexpected[:5]}')
     what = ''.join(f', {k} {ckpt[k]}' for k in ('objective', 'epochs') if k in ckpt)
     report = (f'loaded {path} ({size_name(config)} ViT{what}): {len(state)} tensors'
@@ -399,15 +396,14 @@ def load_backbone(path, num_classes, drop_path_rate=0.1, expect=None):
     return vit, report
 
 
-# Exact distributed evaluation: DistributedSampler pads the split with repeated images, counting
-# some twice; here the ranks' shards partition it and counts are summed.
+# Exact evaluation: the ranks' shards partition the split (DistributedSampler pads with repeats).
 
 @torch.no_grad()
 def evaluate(classifier, loader, device, dtype):
     """Top-1, top-5 (%), images; one final all-reduce, so ranks may hold different batch counts."""
     was_training = classifier.training
     classifier.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5 hits, images
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in loader:
         if batch is None:
             continue
@@ -433,7 +429,6 @@ def record_result(path, **record):
 
 
 def eval_loader(dataset, batch_size, workers, d):
-    """This rank's shard, no padding."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       sampler=range(d.rank, len(dataset), d.world_size),
                       collate_fn=data.collate_skip, pin_memory=d.device.type == 'cuda',
