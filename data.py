@@ -53,14 +53,14 @@ def eval_transform(img_size, eval_crop):
 # Fine-tuning and probing crops: the paper's (BEiT / timm), the demo's (8 % of 32 px: no shape)
 PAPER_CROPS = dict(crop_scale=0.08, eval_crop=0.875)
 DEMO_CROPS = dict(crop_scale=0.35, eval_crop=1.0)
-DEMO_TOKENS = os.path.join('runs', 'tokens', 'demo')  # made by tokenizer.py on the first demo run
+DEMO_TOKENS = os.path.join('runs', 'tokens', 'demo_hog')  # made by tokenizer.py on first use
 
 
 # The built-in demo set: 32 px images of 10 shapes, generated from (split, index, seed).
 
 DEMO_CLASSES = ('disc', 'ring', 'square', 'diamond', 'triangle', 'cross', 'stripes',
                 'checkerboard', 'two_blobs', 'crescent')
-DEMO_SIZES = {'train': 5000, 'val': 1000}
+DEMO_SIZES = {'train': 10000, 'val': 1000}
 _DEMO_PX = 32
 _Y, _X = (np.mgrid[0:_DEMO_PX, 0:_DEMO_PX] + 0.5).astype(np.float32)  # pixel centres
 _demo_cache = {}
@@ -339,8 +339,8 @@ def write_tokens(out_dir, tokens, codebook, meta):
 
 
 def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=None, patch=None):
-    """Memory-mapped tokens and meta.json, checked against this run (pixel tokens must be cut at
-    the ViT's `patch`)."""
+    """Memory-mapped tokens and meta.json, checked against this run (pixel and HOG tokens must be
+    cut at the ViT's `patch`)."""
     npy, js = (os.path.join(token_dir, f) for f in ('tokens.npy', 'meta.json'))
 
     def fix(meta, out=token_dir):  # from this run's settings: pasted, it makes the run pass
@@ -348,9 +348,9 @@ def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=Non
         if split != 'train':
             command += f" --out {out} --codebook <the train split's token dir>"
         else:
-            features = meta.get('features', 'pixels' if dataset_name == 'demo' else 'clip')
-            pixels = ' --features pixels' + (f' --patch {patch}' if patch else '')
-            command += f' --grid {grid}{pixels if features == "pixels" else ""} --out {out}'
+            features = meta.get('features', 'hog' if dataset_name == 'demo' else 'clip')
+            cut = f' --features {features}' + (f' --patch {patch}' if patch else '')
+            command += f' --grid {grid}{"" if features.startswith("clip") else cut} --out {out}'
         return f'run `{command}`' + ('' if out == token_dir else f' and pass --tokens {out}')
     for path in (npy, js):
         if not os.path.isfile(path):

@@ -1,8 +1,8 @@
 """k-CLIP, the visual tokenizer of MaPeT (paper Sec. 4.2), as a command.
 
 A patch's token is its nearest centroid in a k-means codebook (K=8192) fitted to 10% of the
-patch features: CLIP ResNet `layer4` at 32*G px, one per cell of a G x G grid (`--features
-pixels`: the ViT's raw patches).
+patch features: CLIP ResNet `layer4` at 32*G px, one per cell of a G x G grid (offline: `--features
+hog`, edge histograms, the demo's; `pixels`, the ViT's raw patches).
 
     python tokenizer.py --data demo --split train --out runs/tok_train  # ~20 s on a CPU
     python tokenizer.py --data demo --split val --codebook runs/tok_train --out runs/tok_val
@@ -28,6 +28,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -172,6 +173,25 @@ def pixel_features(images, patch):
     return x.reshape(B, G, G, 3 * patch * patch)
 
 
+def hog_features(images, patch, bins=9, floor=0.015):
+    """[B, 3, pG, pG] images in [0, 1] -> [B, G, G, bins]: histograms of oriented gradients (HOG,
+    MaskFeat's targets): a patch's edges, not its colour. Grey-level gradients vote into unsigned
+    orientation bins over the 2p x 2p window centred on each patch; unit length, but a window
+    whose mean gradient is far below `floor` (flat, or pixel noise) goes to ~0."""
+    grey = F.pad(images.mean(1, keepdim=True), (1, 1, 1, 1), mode='replicate')
+    gx = (grey[..., 1:-1, 2:] - grey[..., 1:-1, :-2]) / 2
+    gy = (grey[..., 2:, 1:-1] - grey[..., :-2, 1:-1]) / 2
+    position = torch.atan2(gy, gx).remainder(math.pi) * (bins / math.pi) - 0.5  # bin centres at k
+    low = position.floor()
+    upper = position - low  # the share of the upper bin
+    magnitude = torch.hypot(gx, gy)
+    votes = magnitude.new_zeros(images.shape[0], bins, *images.shape[2:])
+    votes.scatter_add_(1, low.long().remainder(bins), magnitude * (1 - upper))
+    votes.scatter_add_(1, (low.long() + 1).remainder(bins), magnitude * upper)
+    window = F.avg_pool2d(votes, 2 * patch, stride=patch, padding=patch // 2).permute(0, 2, 3, 1)
+    return window / (window.norm(dim=-1, keepdim=True) + floor)
+
+
 def clip_features(model, images):
     """[B, 3, 32G, 32G] CLIP-normalised images -> layer4 map [B, G, G, C] (Sec. 4.2)."""
     with torch.no_grad(), torch.autocast('cuda', torch.float16, enabled=images.is_cuda):
@@ -185,6 +205,9 @@ def feature_pipeline(args, device):
     if args.features == 'pixels':
         size, norm = args.patch * args.grid, (data.IMAGENET_MEAN, data.IMAGENET_STD)
         features, dim = partial(pixel_features, patch=args.patch), 3 * args.patch ** 2
+    elif args.features == 'hog':
+        size, norm = args.patch * args.grid, ((0, 0, 0), (1, 1, 1))  # pixels in [0, 1]
+        features, dim = partial(hog_features, patch=args.patch), 9
     else:
         try:
             model = clip_model.load(args.clip, device)
@@ -213,14 +236,14 @@ def get_args_parser():
                    help='fit on train; tokenize val with --codebook [train]')
     g.add_argument('--data-root', default='data', help='torchvision download dir [data]')
     g.add_argument('--out', required=True, help='dir for the token files')
-    g = p.add_argument_group('features (demo: pixels, grid 8, patch 4; --codebook: its own)')
-    g.add_argument('--features', choices=('clip', 'pixels'),
-                   help='clip: CLIP layer4 (paper); pixels: raw ViT patches [clip]')
+    g = p.add_argument_group('features (demo: hog, grid 4, patch 8; --codebook: its own)')
+    g.add_argument('--features', choices=('clip', 'hog', 'pixels'),
+                   help='clip: CLIP layer4 (paper); hog: edges (demo); pixels: raw patches [clip]')
     g.add_argument('--clip', help=f'{", ".join(clip_model.MODELS)} or an OpenAI checkpoint file; '
                    'paper: RN50x64 [RN50]')
     g.add_argument('--grid', type=int, help='tokens per side G (CLIP at 32*G px) [14]')
-    g.add_argument('--patch', type=int, help='pixels: the ViT patch, images at patch*G px [16]')
-    g = p.add_argument_group('k-means (demo: vocab 512; --codebook: its own)')
+    g.add_argument('--patch', type=int, help='hog, pixels: the ViT patch (images at p*G px) [16]')
+    g = p.add_argument_group('k-means (demo: vocab 64; --codebook: its own)')
     g.add_argument('--vocab', type=int, help='codebook size K [8192]')
     g.add_argument('--sample', type=float, help='fraction of features fitted [0.1]')
     g.add_argument('--iters', type=int, help='Lloyd iterations [20]')
@@ -261,26 +284,26 @@ def resolve_args(args):
         meta = read_meta(book)
         kind, _, name = meta['features'].partition(':')
         fixed = {'features': kind, 'clip': name or None, 'grid': meta['grid'],
-                 'patch': meta['image_size'] // meta['grid'] if kind == 'pixels' else None,
+                 'patch': None if kind == 'clip' else meta['image_size'] // meta['grid'],
                  'vocab': meta['vocab_size'], **{k: meta[k] for k in ('sample', 'iters', 'seed')}}
         for key, value in fixed.items():
             if getattr(args, key) not in (None, value):
                 raise ValueError(f'--{key} {getattr(args, key)} does not match the codebook in '
                                  f'{book} ({key} {value}): drop --{key} or fit a new one')
             setattr(args, key, value)
-    defaults = {'features': 'pixels' if demo else 'clip', 'grid': 8 if demo else 14,
-                'vocab': 512 if demo else 8192, 'sample': 0.1, 'iters': 20, 'seed': 0,
+    defaults = {'features': 'hog' if demo else 'clip', 'grid': 4 if demo else 14,
+                'vocab': 64 if demo else 8192, 'sample': 0.1, 'iters': 20, 'seed': 0,
                 'batch_size': 500 if demo else 64,
                 'workers': 0 if demo else training.default_workers()}
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     if args.features == 'clip':
         if args.patch is not None:
-            raise ValueError('--patch applies to --features pixels: drop it')
+            raise ValueError('--patch applies to --features hog or pixels: drop it')
         args.clip = args.clip or 'RN50'
     elif args.clip is not None:
         raise ValueError('--clip applies to --features clip: drop it')
     elif args.patch is None:
-        args.patch = 4 if demo else 16
+        args.patch = 8 if demo else 16
     if not 0 < args.sample <= 1:
         raise ValueError(f'--sample {args.sample} is not in (0, 1]: it is a fraction')
     if not 1 <= args.vocab <= 65536:
@@ -347,7 +370,7 @@ def write_token_files(args, n, rows, tokens, codebook, fit, image_size, seconds)
     p = counts[counts > 0] / max(counts.sum(), 1)
     meta = {'dataset': data.dataset_id(args.data), 'split': args.split, 'num_images': n,
             'grid': G, 'vocab_size': K, 'image_size': image_size,
-            'features': f'clip:{args.clip}' if args.features == 'clip' else 'pixels',
+            'features': f'clip:{args.clip}' if args.features == 'clip' else args.features,
             'feature_dim': codebook.shape[1], **fit,
             'codebook_from': os.path.realpath(args.codebook) if args.codebook else None,
             'skipped': sorted(set(range(n)) - set(rows.tolist())),
@@ -396,10 +419,10 @@ def main(argv=None):
 
 
 def ensure_demo_tokens(out, split, device, codebook=None):
-    """Makes the demo's pixel tokens in `out` on first use, so stages need no tokenizer command."""
+    """Makes the demo's HOG tokens in `out` on first use, so stages need no tokenizer command."""
     if not os.path.isfile(os.path.join(out, 'tokens.npy')):
         argv = ['--data', 'demo', '--split', split, '--out', out,
-                *(['--codebook', codebook] if codebook else ['--features', 'pixels'])]
+                *(['--codebook', codebook] if codebook else ['--features', 'hog'])]
         training.print0(f'no demo {split} tokens in {out}: making them first '
                         f'({shlex.join(["python", "tokenizer.py", *argv])})')
         main([*argv, '--device', str(device)])

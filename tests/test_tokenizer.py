@@ -19,7 +19,8 @@ import data
 import tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = ['--vocab', '64', '--iters', '3']  # the demo command, made quick
+# the demo command on the ViT's raw 4 px patches (its default is hog at grid 4), made quick
+DEMO = ['--features', 'pixels', '--grid', '8', '--patch', '4', '--vocab', '64', '--iters', '3']
 
 
 def blobs(n=2000, k=12, std=1.5, seed=0):
@@ -98,6 +99,55 @@ def test_pixel_feature_is_the_vit_patch():
     assert torch.allclose(embedded, f @ conv.weight.reshape(7, -1).T + conv.bias, atol=1e-5)
 
 
+def hog_reference(image, patch, bins=9, floor=0.015):
+    """HOG written out pixel by pixel in float64: image [3, S, S] in [0, 1] -> [G, G, bins]."""
+    grey = np.asarray(image, np.float64).mean(0)
+    S, G = grey.shape[0], grey.shape[0] // patch
+
+    def at(y, x):  # the replicated border
+        return grey[min(max(y, 0), S - 1), min(max(x, 0), S - 1)]
+
+    votes = np.zeros((S, S, bins))
+    for y in range(S):
+        for x in range(S):
+            gx, gy = (at(y, x + 1) - at(y, x - 1)) / 2, (at(y + 1, x) - at(y - 1, x)) / 2
+            angle = np.arctan2(gy, gx) % np.pi  # unsigned: an edge's two polarities alike
+            b = angle / (np.pi / bins) - 0.5  # bin k is centred at (k + 0.5) * pi / bins
+            k = int(np.floor(b))
+            votes[y, x, k % bins] += np.hypot(gx, gy) * (1 - (b - k))
+            votes[y, x, (k + 1) % bins] += np.hypot(gx, gy) * (b - k)
+    out = np.zeros((G, G, bins))
+    for i in range(G):
+        for j in range(G):
+            rows = slice(max(i * patch - patch // 2, 0), i * patch + patch + patch // 2)
+            cols = slice(max(j * patch - patch // 2, 0), j * patch + patch + patch // 2)
+            h = votes[rows, cols].sum((0, 1)) / (2 * patch) ** 2  # zero padding counts
+            out[i, j] = h / (np.linalg.norm(h) + floor)
+    return out
+
+
+def test_hog_feature_matches_a_pixel_by_pixel_reference():
+    images = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    images[1, :, 4:12, 4:12] += 0.7  # a square: edges of two orientations
+    f = tokenizer.hog_features(images, 4)  # [B, G, G, 9]
+    assert f.shape == (2, 4, 4, 9)
+    for b in range(2):
+        np.testing.assert_allclose(f[b].numpy(), hog_reference(images[b], 4), atol=1e-9)
+
+
+def test_hog_feature_ignores_colour():
+    """The demo draws colours at random: the feature must see the edges only."""
+    img = data.DemoDataset('train').images[:8]  # [n, 32, 32, 3] uint8
+    images = torch.from_numpy(img).permute(0, 3, 1, 2).double() / 255
+    f = tokenizer.hog_features(images, 4)
+    inverted = tokenizer.hog_features(1 - images, 4)  # dark on light <-> light on dark
+    swapped = tokenizer.hog_features(images[:, [2, 0, 1]], 4)
+    for other in (inverted, swapped):
+        assert torch.allclose(f, other, atol=1e-6)
+    assert tokenizer.hog_features(torch.full((1, 3, 32, 32), 0.3), 4).abs().max() == 0  # flat
+    assert not torch.allclose(f, tokenizer.hog_features(images.transpose(2, 3), 4), atol=0.1)
+
+
 # the command on the demo (pixels)
 
 
@@ -122,15 +172,16 @@ def demo_features(split, index):
 @pytest.mark.slow
 def test_demo_pixels_end_to_end(demo_run):
     root, train, val = demo_run
-    tokens, meta = data.load_tokens(str(root / 'train'), 'demo', 'train', 5000, 8, vocab_size=64)
+    n = data.DEMO_SIZES['train']
+    tokens, meta = data.load_tokens(str(root / 'train'), 'demo', 'train', n, 8, vocab_size=64)
     codebook = np.load(root / 'train' / 'codebook.npy')
-    assert tokens.dtype == np.uint16 and tokens.shape == (5000, 8, 8) and tokens.max() < 64
+    assert tokens.dtype == np.uint16 and tokens.shape == (n, 8, 8) and tokens.max() < 64
     assert codebook.dtype == np.float32 and codebook.shape == (64, 48)
     assert meta == train and meta['features'] == 'pixels' and meta['image_size'] == 32
     assert meta['skipped'] == []
-    assert abs(meta['features_fitted'] - 0.1 * 5000 * 64) < 0.03 * 0.1 * 5000 * 64  # --sample 0.1
+    assert abs(meta['features_fitted'] - 0.1 * n * 64) < 0.03 * 0.1 * n * 64  # --sample 0.1
     assert len(meta['inertia']) == 4 and 1 < meta['perplexity'] <= meta['tokens_used'] <= 64
-    some = np.arange(0, 5000, 10)
+    some = np.arange(0, n, 10)
     assert_nearest(tokens[some], demo_features('train', some).reshape(-1, 48), codebook)
     # the val split, tokenized with the train codebook
     vtokens, vmeta = data.load_tokens(str(root / 'val'), 'demo', 'val', 1000, 8, vocab_size=64)
@@ -200,7 +251,8 @@ dist.destroy_process_group()
     one, two = root / 'train', tmp_path / 'tok'
     assert np.allclose(np.load(one / 'codebook.npy'), np.load(two / 'codebook.npy'), atol=1e-5)
     assert (np.load(one / 'tokens.npy') == np.load(two / 'tokens.npy')).mean() > 0.999
-    m1, m2 = (data.load_tokens(str(d), 'demo', 'train', 5000, 8)[1] for d in (one, two))
+    n = data.DEMO_SIZES['train']
+    m1, m2 = (data.load_tokens(str(d), 'demo', 'train', n, 8)[1] for d in (one, two))
     assert m1['features_fitted'] == m2['features_fitted'] and m2['world_size'] == 2
 
 
@@ -267,9 +319,10 @@ def test_clip_features_end_to_end(tmp_path):
     (['--sample', '0'], r'--sample 0.0 is not in \(0, 1\]'),
     (['--sample', '1.5'], r'--sample 1.5 is not in \(0, 1\]'),
     (['--vocab', '70000'], r'--vocab 70000 is not in 1..65536'),
-    (['--split', 'val', '--vocab', '40000'],  # 1,000 images x 64 patches x 0.1 sampled
-     r'--vocab 40000 is more than the 6\d{3} sampled features: lower --vocab or raise --sample'),
-    (['--features', 'clip', '--patch', '4'], '--patch applies to --features pixels'),
+    (['--split', 'val', '--vocab', '40000'],  # 1,000 images x 16 patches x 0.1 sampled
+     r'--vocab 40000 is more than the 1[56]\d{2} sampled features: lower --vocab or raise '
+     '--sample'),
+    (['--features', 'clip', '--patch', '4'], '--patch applies to --features hog or pixels'),
     (['--clip', 'RN50'], '--clip applies to --features clip'),
     (['--data', 'imagenet'], "unknown dataset 'imagenet'"),
     (['--codebook', '/nonexistent'], '--codebook /nonexistent holds no codebook.npy: fit one'),
