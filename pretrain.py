@@ -3,10 +3,9 @@
 Paper: Sec. 3 (MIM, PIM), Sec. 4.1 (MaPeT), Sec. 5.1 and Tab. 7 (the recipe: PAPER below and the
 flags' defaults). The objectives and the two-stream ViT are in model.py; this is the loop.
 
-    python pretrain.py --objective mapet        # demo: micro ViT, 32 px images, ~4 min on 2 CPUs
-    python pretrain.py --objective mapet --resume                    # continue runs/pretrain_mapet
+    python pretrain.py --objective mapet  # demo: micro ViT, 32 px images, ~4 min on 2 CPUs
     torchrun --nproc_per_node=8 pretrain.py --objective mapet --model base --data /path/imagenet \\
-        --tokens tokens/in1k_rn50x64 --accum 4                # ViT-B, batch 2048 = 8 GPUs x 4 x 64
+        --tokens tokens/in1k_rn50x64 --accum 4  # ViT-B, batch 2048 = 8 GPUs x 4 x 64
 
 Writes to --out: ckpt.pt (every --save-every steps; --resume continues it bit for bit),
 backbone.pt (the ViT for finetune.py and probe.py; timm's loads it strictly), log.jsonl, args.json.
@@ -30,12 +29,12 @@ import tokenizer
 import training
 from training import print0
 
-# The defaults --data selects: the paper's (Tab. 7), or the demo's (learns visibly on 2 CPUs).
+# Per --data: the paper's defaults (Tab. 7), or the demo's (learns visibly on 2 CPUs).
 PAPER = dict(model='base', epochs=300, batch_size=2048, lr=1.5e-3, warmup_epochs=10,
              workers=training.default_workers(), tokens=None, save_every=500, log_every=50)
-DEMO = dict(model='micro', epochs=3, batch_size=128, lr=3.2e-2, warmup_epochs=0.5, workers=0,
+DEMO = dict(model='micro', epochs=10, batch_size=128, lr=3.2e-2, warmup_epochs=0.5, workers=0,
             tokens=data.DEMO_TOKENS, save_every=100, log_every=10)
-WARMUP_LR = 1e-6  # Tab. 7: the warmup starts from 1e-6
+WARMUP_LR = 1e-6  # Tab. 7
 BETAS, EPS = (0.9, 0.999), 1e-8  # Tab. 7: AdamW
 POSITIVE = ('epochs', 'batch_size', 'accum', 'lr', 'save_every', 'log_every', 'steps')
 RANGES = [(key, 0, math.inf) for key in ('clip_grad', 'warmup_epochs', 'min_lr', 'weight_decay',
@@ -104,8 +103,7 @@ def resolve_args(args):
     return args
 
 
-# Build: data and tokens, the ViT and its objective (Sec. 3, 4.1), AdamW, the checkpoint.
-
+# Build: data and tokens, the ViT and its objective (Sec. 3, 4.1), AdamW.
 
 def build_data(args, backbone):
     """The keyed set (epoch, index, image, tokens [N]) and the tokens' meta.json."""
@@ -147,7 +145,7 @@ def build(args, d):
         except RuntimeError as e:  # e.g. a token file of another vocabulary since
             cause = str(e).splitlines()[1].strip()
             raise ValueError(f'{ckpt_path} does not fit this model ({cause}): were the --tokens '
-                             'changed? pass the token directory of that run') from None
+                             'changed? pass that run\'s --tokens') from None
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
     return ckpt, pre, dataset, meta, optimizer, scaler
@@ -240,7 +238,7 @@ def token_info(args, meta):
 
 
 def summary(args, pre, meta, s, start, final, overflows, seconds, d):
-    """Write backbone.pt, print and return what the run reached."""
+    """Write backbone.pt; print and return what the run reached."""
     (mean, n, _), epochs = final, s.last / s.steps_per_epoch
     img_s = (s.last - start) * args.batch_size / seconds
     if d.is_main:
@@ -255,10 +253,10 @@ def summary(args, pre, meta, s, start, final, overflows, seconds, d):
 
 
 def finished(ckpt, s, out):
-    """--resume of a run already at its last step: its saved numbers, nothing written."""
+    """--resume of a run at its last step: its saved numbers."""
     print0(f'{out}/ckpt.pt is a finished run (step {ckpt["step"]} of {s.last}): loss '
-           f'{ckpt["loss"]:.4f}, token accuracy {ckpt["token_acc"]:.2%} at its last step; nothing '
-           'to do, nothing written (raise --steps or --epochs to train on)')
+           f'{ckpt["loss"]:.4f}, token accuracy {ckpt["token_acc"]:.2%}; nothing written (raise '
+           '--steps or --epochs)')
     return dict(step=ckpt['step'], epochs=ckpt['step'] / s.steps_per_epoch, loss=ckpt['loss'],
                 token_acc=ckpt['token_acc'], resumed_at=ckpt['step'], skipped_steps=0)
 

@@ -1,9 +1,9 @@
 """Pictures of what the other stages compute, as PNGs (and JSON numbers) in --out:
 
     python visualize.py masks --objective mapet --num-patches 16 --cut 5   # Fig. 2b-c and Fig. 1
-    python visualize.py codebook --tokens runs/tokens/demo                 # Fig. 3-5
+    python visualize.py codebook --tokens runs/tokens/demo_hog             # Fig. 3-5
     python visualize.py names --tokens tokens/in1k_rn50 --classes classes.txt   # Sec. 5.3
-    python visualize.py tokens --tokens runs/tokens/demo --index 0 1 2     # token maps
+    python visualize.py tokens --tokens runs/tokens/demo_hog --index 0 1 2 # token maps
     python visualize.py curves runs/pretrain_*/log.jsonl                   # loss, token accuracy
     python visualize.py predictions --checkpoint runs/pretrain_mapet/ckpt.pt   # Eq. 1-2
 
@@ -126,18 +126,18 @@ def cmd_masks(args):
     N, cut, objective = args.num_patches, args.cut, args.objective
     content, query = model.build_masks(objective, N, cut)
     (M, L), tag, G = query.shape, f'N{N}_cut{cut}', math.isqrt(N)
-    cell, tokens = max(3, min(16, 720 // L)), L > 1 + N  # ~720 px wide
+    cell, tokens = max(3, min(16, 720 // L)), L > 1 + N
     segments = [('CLS', 1), ('visible', cut), ('targets', M)] + [('mask tokens', M)] * tokens
     body = stack([masks_figure(content, segments, segments, cell, f'(b) content stream: {L} x {L}'),
                   masks_figure(query, [('queries', M)], segments, cell,
                                f'(c) query stream: {M} x {L}')], gap=40)
     paths = [save(args.out, f'masks_{objective}_{tag}.png', body, f'{objective} attention masks '
                   f'(Fig. 2b-c): N = {N}, cut = {cut} (paper c = {cut + 1}), M = {M}',
-                  'green: the row (query) may attend to the column (key); grey: it may not',
+                  'green: row (query) may attend to column (key); grey: may not',
                   'order: CLS | visible | targets in permutation order'
                   + ' | mask token m_t: the position of target t' * tokens)]
     if G * G != N:
-        print(f'N = {N} is not a square grid: no Fig. 1 (pass a square --num-patches, e.g. 16)')
+        print(f'N = {N} is not square: no Fig. 1 (pass a square --num-patches, e.g. 16)')
         return paths
     dataset = data.build_dataset(args.data, 'train', args.data_root)
     pixels = TF.pil_to_tensor(image_at(dataset, args.index, G * max(8, 96 // G))[0])  # (3, S, S)
@@ -146,8 +146,7 @@ def cmd_masks(args):
 
 
 def what_targets_see(objective, perm, cut):
-    """(M, N) bools, raster order: the patches whose content, and whose position, target t may
-    use."""
+    """(M, N) bools, raster order: the patches whose content, and position, target t may use."""
     N, targets = len(perm), perm[cut:]
     M = N - cut
     content, position = torch.zeros(2, M, N, dtype=torch.bool)
@@ -191,18 +190,18 @@ def views_figure(pixels, cut, perm, max_steps=12, left=170):
     for i, caption in enumerate(CAPTIONS.values()):
         draw.multiline_text((0, 28 + i * (S + 8)), caption, BLACK, font(12))
     shown = 'every step' if len(steps) == M else f'{len(steps)} of the {M} steps'
-    return (img, f'What the prediction of target t may use: N = {N}, cut = {cut}, M = {M} '
+    return (img, f'What predicting target t may use: N = {N}, cut = {cut}, M = {M} '
             f'targets ({shown})', 'faded: content hidden; input: the content stream\'s, numbered '
-            'in permutation order (mim predicts all at once)',
+            'in permutation order (mim: all at once)',
             ('blue frame: position known (a mask token)', BLUE),
-            ('red frame: the target predicted at step t', RED))
+            ('red frame: target predicted at step t', RED))
 
 
 # Token files: codebook patches (Fig. 3-5), token names (Sec. 5.3, App. C), token maps.
 def open_tokens(token_dir, data_root):
     """(tokens (n, G, G), meta, dataset)."""
     if not os.path.isfile(path := os.path.join(token_dir, 'meta.json')):
-        raise ValueError(f'{token_dir} holds no meta.json: pass the --out dir of tokenizer.py')
+        raise ValueError(f'{token_dir} holds no meta.json: pass a tokenizer.py --out dir')
     name, split, grid = map(json.loads(pathlib.Path(path).read_text()).get,
                             ('dataset', 'split', 'grid'))
     dataset = data.build_dataset(name, split, data_root)
@@ -259,9 +258,8 @@ PROMPT = 'a photo of a {}.'  # CLIP's basic zero-shot prompt
 
 
 def name_tokens(args, meta):
-    """Each k-CLIP centroid's best prompt (Sec. 4.2). The attention pool is c_proj of a convex
-    mix of v_proj(x_i + pos_i), so a map all of centroid c embeds as c_proj(v_proj(c)) (MaskCLIP,
-    Zhou et al. 2022)."""
+    """Each k-CLIP centroid c's best prompt (Sec. 4.2): attention pooling, c_proj of a convex mix of
+    v_proj(x_i + pos_i), embeds an all-c map as c_proj(v_proj(c)) (MaskCLIP, Zhou et al. 2022)."""
     file = pathlib.Path(args.classes)
     classes = file.read_text().splitlines() if file.is_file() else args.classes.split(',')
     if not (classes := [c.strip() for c in classes if c.strip()]):
@@ -275,7 +273,7 @@ def name_tokens(args, meta):
     pool = clip.visual.attnpool
     if codebook.shape[1] != pool.v_proj.in_features:
         raise ValueError(f'{args.tokens} holds {codebook.shape[1]}-dim features, not CLIP '
-                         f'{clip_name}\'s: pass --clip the CLIP model the tokenizer used')
+                         f'{clip_name}\'s: pass --clip the tokenizer\'s CLIP model')
     with torch.no_grad():
         image = pool.c_proj(pool.v_proj(codebook.float()))  # (K, E)
         words = clip.encode_text(clip_model.tokenize([PROMPT.format(c) for c in classes],
@@ -300,13 +298,12 @@ def cmd_tokens(args):
     return [save(args.out, f'tokens_{name}.png', stack(rows, True, 12),
                  'Images and their visual tokens', f'{meta["dataset"]} {meta["split"]}, {G}x{G} '
                  f'tokens, vocabulary {meta["vocab_size"]} ({meta["features"]}); a token\'s colour '
-                 'is fixed by its id, written in it')]
+                 'follows its id, written in it')]
 
 
 # curves: pretrain.py's log.jsonl files.
 def read_log(path):
-    """(steps, 3): step, loss, token accuracy. A resumed run's later line wins; a killed run's
-    torn last line is ignored."""
+    """(steps, 3): step, loss, token accuracy; a step's last line wins, a torn end is skipped."""
     lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
     records = {}
     for n, line in enumerate(lines, 1):
@@ -315,10 +312,9 @@ def read_log(path):
             records[r['step']] = (r['step'], r['loss'], r['token_acc'])
         except (ValueError, KeyError, TypeError):
             if n < len(lines):
-                raise ValueError(f'{path} line {n} is not a pretrain.py log line: pass a '
-                                 'pretrain.py log.jsonl')
+                raise ValueError(f'{path} line {n} is not a pretrain.py log line: pass a log.jsonl')
     if not records:
-        raise ValueError(f'{path} holds no log lines yet: pass the log of a run that has logged')
+        raise ValueError(f'{path} holds no log lines yet: pass a log with lines')
     return np.array([records[s] for s in sorted(records)])
 
 
@@ -355,14 +351,14 @@ def cmd_curves(args):
     colours = [LINE_COLOURS[i % len(LINE_COLOURS)] for i in range(len(runs))]
     body = stack([line_chart([(c, r[:, 0], r[:, i] * scale) for c, r in zip(colours, runs)], title)
                   for i, scale, title in ((1, 1, 'loss (cross-entropy over the vocabulary)'),
-                                          (2, 100, 'token accuracy (%, top-1 on the targets)'))])
+                                          (2, 100, 'token accuracy (%, top-1)'))])
     finals = [(f'{label}: loss {r[-1, 1]:.3f}, token accuracy {r[-1, 2]:.1%}, step {r[-1, 0]:.0f}',
                c) for label, r, c in zip(labels, runs, colours)]
     return [save(args.out, 'curves.png', body, 'Pre-training curves', 'token accuracy: over the '
                  'masked patches (mim, beit) or the targets (pim, mapet)', *finals)]
 
 
-# predictions: the tokens a pre-trained model predicts for one image's targets (Eq. 1-2).
+# predictions: a pre-trained model's tokens for one image's targets (Eq. 1-2).
 def load_pretrainer(path):
     ckpt = training.load_checkpoint(path)
     if not {'model', 'config', 'args', 'tokens'} <= set(ckpt):
@@ -420,8 +416,8 @@ def cmd_predictions(args):
             save(args.out, stem + '.png', TF.to_pil_image(make_grid(panels, 3, 12, pad_value=255)),
                  f'{pre.objective} predictions, image {args.index}: {sum(right)} of {len(right)} '
                  f'targets right', f'{args.checkpoint} (step {ckpt["step"]}); targets: {how}',
-                 'left: the image, targets numbered by step; middle: its tokens; right: the '
-                 'predicted ones, visible patches faded', ('green frame: right', GREEN),
+                 'left: the image, targets numbered by step; middle: its tokens; right: '
+                 'predicted, visible patches faded', ('green frame: right', GREEN),
                  ('red frame: wrong', RED))]
 
 
@@ -456,7 +452,7 @@ def get_args_parser():
 
     s = sub.add_parser('curves', parents=[out], help='loss and token accuracy of pretrain.py runs')
     s.add_argument('logs', nargs='+', help='log.jsonl files')
-    s.add_argument('--labels', help='comma-separated [the run directories]')
+    s.add_argument('--labels', help='comma-separated [the run dirs]')
 
     s = sub.add_parser('predictions', parents=[out], help='predicted vs true tokens of an image')
     s.add_argument('--checkpoint', required=True, help='ckpt.pt of a pretrain.py run')

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import data
+import model
 import tokenizer
 
 
@@ -13,7 +14,9 @@ import tokenizer
 def make_demo_folder(tmp_path_factory):
     """make_demo_folder(train=N, val=M) -> (root, tokens): an ImageFolder of the first N train and
     M val demo pictures (32 px, in their class folders) and the pixel tokens of its train split
-    (8x8 grid of 4x4 patches, vocabulary 16)."""
+    (the micro ViT's patches and grid, vocabulary 16)."""
+    micro = model.MODEL_CONFIGS['micro']
+    patch, grid = micro['patch_size'], micro['img_size'] // micro['patch_size']
 
     def make(**images_per_split):
         root = tmp_path_factory.mktemp('images')
@@ -34,9 +37,9 @@ def make_demo_folder(tmp_path_factory):
                 '--features',
                 'pixels',
                 '--grid',
-                '8',
+                str(grid),
                 '--patch',
-                '4',
+                str(patch),
                 '--vocab',
                 '16',
                 '--sample',

@@ -13,26 +13,30 @@ import pytest
 
 import data
 import finetune
+import model
 import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--dtype', 'float32', '--workers', '0', '--device', 'cpu']
+MICRO = model.MODEL_CONFIGS['micro']  # the demo's ViT: its token grid and the train split
+SHAPE = (data.DEMO_SIZES['train'], *[MICRO['img_size'] // MICRO['patch_size']] * 2)
 
 
-def demo_tokens(path, vocab=16, tokens=None, meta=None):
-    """A token directory for the demo's train split (8x8 grid), written without the tokenizer."""
-    tokens = np.zeros((5000, 8, 8), np.uint16) if tokens is None else tokens
+def demo_tokens(path, vocab=16, tokens=None, meta=None, features='hog'):
+    """A token directory for the demo's train split at the micro ViT's grid (HOG, as the demo
+    makes, unless told), written without the tokenizer."""
+    tokens = np.zeros(SHAPE, np.uint16) if tokens is None else tokens
     meta = dict(
         dataset='demo',
         split='train',
-        num_images=5000,
-        grid=8,
+        num_images=SHAPE[0],
+        grid=SHAPE[1],
         vocab_size=vocab,
-        features='pixels',
+        features=features,
         skipped=[],
         **(meta or {}),
     )
-    data.write_tokens(str(path), tokens, np.zeros((vocab, 4), np.float32), meta)
+    data.write_tokens(str(path), tokens, np.zeros((vocab, 9), np.float32), meta)
     return str(path)
 
 
@@ -44,7 +48,7 @@ def refusal(main, argv):
 
 def cases(tmp):
     good = demo_tokens(tmp / 'good')
-    big = demo_tokens(tmp / 'big', tokens=np.full((5000, 8, 8), 20, np.uint16))  # vocabulary 16
+    big = demo_tokens(tmp / 'big', tokens=np.full(SHAPE, 20, np.uint16))  # vocabulary 16
     bad_json = demo_tokens(tmp / 'json')
     (tmp / 'json' / 'meta.json').write_text('{"dataset": "demo",')
     short = demo_tokens(tmp / 'short')
@@ -93,9 +97,10 @@ def test_each_bad_input_gets_one_line_naming_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_the_suggested_tokenizer_command_makes_the_run_pass(tmp_path):
-    """`--model tiny` on the demo's grid-8 tokens: the message's command, pasted, makes the tokens
-    the tiny ViT needs (grid 14, 16 px pixel patches), in a new directory the message names."""
-    tokens = demo_tokens(tmp_path / 'demo')
+    """`--model tiny` on micro-grid demo tokens: the message's command, pasted, makes the tokens
+    the tiny ViT needs (grid 14, the same features of 16 px patches), in a new directory it names.
+    Run on pixel tokens (HOG at 224 px takes twice as long); HOG tokens get the HOG command."""
+    tokens = demo_tokens(tmp_path / 'demo', features='pixels')
     argv = [
         '--model',
         'tiny',
@@ -110,6 +115,9 @@ def test_the_suggested_tokenizer_command_makes_the_run_pass(tmp_path):
     line = refusal(pretrain.main, [*argv, '--tokens', tokens])
     command, new_dir = re.search(r'run `([^`]+)` and pass --tokens (\S+)', line).groups()
     assert '--grid 14' in command and '--patch 16' in command and new_dir != tokens
+    assert '--features pixels' in command  # the features of the tokens it replaces
+    hog = refusal(pretrain.main, [*argv, '--tokens', demo_tokens(tmp_path / 'hog')])
+    assert re.search(r'run `[^`]* --features hog --patch 16 ', hog), hog
     cmd = shlex.split(command)
     subprocess.run(
         [sys.executable, *cmd[1:], '--vocab', '16', '--sample', '0.01', '--iters', '2'],
@@ -118,5 +126,6 @@ def test_the_suggested_tokenizer_command_makes_the_run_pass(tmp_path):
         capture_output=True,
         timeout=1200,
     )
-    assert json.load(open(os.path.join(ROOT, new_dir, 'meta.json')))['grid'] == 14
+    meta = json.load(open(os.path.join(ROOT, new_dir, 'meta.json')))
+    assert (meta['grid'], meta['features']) == (14, 'pixels')
     assert pretrain.main([*argv, '--tokens', os.path.join(ROOT, new_dir)])['step'] == 1

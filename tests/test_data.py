@@ -23,7 +23,7 @@ import data
 
 def test_demo_is_a_pure_function_of_split_index_seed():
     val = data.DemoDataset('val')
-    assert len(val) == 1000 and len(data.DemoDataset('train')) == 5000
+    assert len(val) == 1000 and len(data.DemoDataset('train')) == data.DEMO_SIZES['train']
     for i in (0, 7, 999):
         img, label = data.render_demo_image('val', i, seed=0)
         assert np.array_equal(np.asarray(val[i][0]), img) and val[i][1] == label == i % 10

@@ -149,7 +149,8 @@ def test_command_fine_tunes_the_pretrained_backbone_on_demo(pretrained, tmp_path
     # Two warmup steps barely move the weights: the backbone is the pre-trained one, not a new one.
     backbone = torch.load(pretrained / 'backbone.pt', weights_only=True)['state_dict']
     tuned = torch.load(out / 'classifier.pt', weights_only=True)
-    for key in ('patch_embed.proj.weight', 'blocks.5.mlp.fc2.weight', 'pos_embed'):
+    last = model.MODEL_CONFIGS['micro']['depth'] - 1
+    for key in ('patch_embed.proj.weight', f'blocks.{last}.mlp.fc2.weight', 'pos_embed'):
         assert (tuned[key] - backbone[key]).abs().max() < 1e-3 < (backbone[key]).abs().max(), key
     log = [json.loads(line) for line in open(out / 'log.jsonl')]
     assert [r['step'] for r in log] == [2] and log[0]['top1'] == record['top1']
@@ -185,19 +186,21 @@ def test_from_scratch_on_demo(tmp_path):
 
 
 def test_layer_decay_scales_grow_with_depth_to_one_at_the_head():
-    vit = model.create_model('micro', num_classes=10)  # depth 6
+    vit = model.create_model('micro', num_classes=10)
+    depth = model.MODEL_CONFIGS['micro']['depth']
     groups = finetune.layer_decay_groups(vit, 0.05, 0.65)
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     by_name = {name: scale[id(p)] for name, p in vit.named_parameters()}
     assert set(by_name) == {n for n, _ in vit.named_parameters()}  # every parameter is in a group
     for name in ('patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'pos_embed'):
-        assert by_name[name] == pytest.approx(0.65**7)
-    for i in range(6):
-        assert {by_name[n] for n in by_name if n.startswith(f'blocks.{i}.')} == {0.65 ** (6 - i)}
+        assert by_name[name] == pytest.approx(0.65 ** (depth + 1))
+    for i in range(depth):
+        block = {by_name[n] for n in by_name if n.startswith(f'blocks.{i}.')}
+        assert block == {0.65 ** (depth - i)}
     assert by_name['fc_norm.weight'] == by_name['head.weight'] == by_name['head.bias'] == 1.0
     ladder = (
         [by_name['patch_embed.proj.weight']]
-        + [by_name[f'blocks.{i}.attn.qkv.weight'] for i in range(6)]
+        + [by_name[f'blocks.{i}.attn.qkv.weight'] for i in range(depth)]
         + [by_name['head.weight']]
     )
     assert all(a < b for a, b in zip(ladder, ladder[1:]))  # strictly increasing with depth
@@ -220,7 +223,8 @@ def test_training_applies_the_scales(folder, pretrained, tmp_path):
     )
     groups = training.load_checkpoint(str(tmp_path / 'ckpt.pt'))['optimizer']['param_groups']
     assert len({round(g['lr'] / g['lr_scale'], 12) for g in groups}) == 1
-    assert sorted({g['lr_scale'] for g in groups}) == [0.5**k for k in range(7, -1, -1)]
+    depth = model.MODEL_CONFIGS['micro']['depth']  # embeddings, blocks, head: depth + 2 scales
+    assert sorted({g['lr_scale'] for g in groups}) == [0.5**k for k in range(depth + 1, -1, -1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,14 +362,16 @@ def test_checkpoint_of_another_size_or_grid_is_refused(pretrained, tmp_path):
         SystemExit, match=r'finetune\.py: .*\(micro\); you asked for .*\(tiny\): pass --model micro'
     ):
         finetune.main(['--checkpoint', backbone, '--model', 'tiny', '--out', str(tmp_path / 'a')])
-    coarse = str(tmp_path / 'patch8.pt')  # the micro ViT with 8 px patches: a 4x4 grid
+    p = model.MODEL_CONFIGS['micro']['patch_size']
+    fine = str(tmp_path / 'half_patch.pt')  # the micro ViT with half its patch: a finer grid
     training.save_backbone(
-        coarse, model.create_model('micro', patch_size=8), dict(objective='mapet')
+        fine, model.create_model('micro', patch_size=p // 2), dict(objective='mapet')
     )
-    with pytest.raises(SystemExit, match=r'patch_size 8 .*you asked for patch_size 4 \(micro\)'):
-        finetune.main(['--checkpoint', coarse, '--model', 'micro', '--out', str(tmp_path / 'b')])
-    with pytest.raises(SystemExit, match=r'no known size \(.*patch_size 8'):
-        finetune.main(['--checkpoint', coarse, '--out', str(tmp_path / 'c')])
+    with pytest.raises(SystemExit, match=rf'patch_size {p // 2} .*you asked for patch_size {p} '
+                       r'\(micro\)'):
+        finetune.main(['--checkpoint', fine, '--model', 'micro', '--out', str(tmp_path / 'b')])
+    with pytest.raises(SystemExit, match=rf'no known size \(.*patch_size {p // 2}'):
+        finetune.main(['--checkpoint', fine, '--out', str(tmp_path / 'c')])
     assert not any(os.path.exists(tmp_path / run) for run in 'abc')
 
 

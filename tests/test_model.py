@@ -204,17 +204,18 @@ def test_one_call_attention_equals_two_call_reference(objective):
 @pytest.mark.parametrize('objective', ['mapet', 'mim'])
 def test_backbone_is_a_timm_vit(objective):
     torch.manual_seed(2)
+    config = {**model.MODEL_CONFIGS['micro'], 'depth': 2}
     backbone = model.create_model('micro', num_classes=10, depth=2)
     pre = Pretrainer(backbone, objective, vocab_size=32)
     optimizer = torch.optim.AdamW(pre.parameters(), lr=1e-2)
+    n = (config['img_size'] // config['patch_size']) ** 2  # patches per image
     for _ in range(3):  # a few pre-training steps move every weight, layer scale included
-        _, loss = pre(torch.randn(4, 3, 32, 32), torch.randint(0, 32, (4, 64)))
+        _, loss = pre(torch.randn(4, 3, 32, 32), torch.randint(0, 32, (4, n)))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=4, embed_dim=128, depth=2, num_heads=4, num_classes=10,
-        global_pool='avg', init_values=0.1)
+        **config, num_classes=10, global_pool='avg', init_values=0.1)
     reference.load_state_dict(pre.backbone.state_dict(), strict=True)
     images = torch.randn(5, 3, 32, 32)
     pre.eval(), reference.eval()

@@ -20,6 +20,9 @@ import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--model', 'micro', '--dtype', 'float32', '--workers', '0', '--log-every', '1']
+MICRO = model.MODEL_CONFIGS['micro']
+GRID = MICRO['img_size'] // MICRO['patch_size']  # the micro ViT's token grid
+DEMO_VOCAB = 64  # tokenizer.py's demo codebook size
 
 
 def read_log(out):
@@ -48,7 +51,7 @@ def demo_run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def folder(make_demo_folder):
-    """A 24-image ImageFolder of 32 px demo pictures and its pixel tokens (8x8 grid, vocabulary 16):
+    """A 24-image ImageFolder of 32 px demo pictures and its pixel tokens (GRID, vocabulary 16):
     3 steps per epoch at batch 8, so runs cross epoch boundaries in a few steps."""
     return make_demo_folder(train=24)
 
@@ -90,15 +93,15 @@ def test_main_command_builds_tokens_and_writes_checkpoints(demo_run):
     meta = json.load(open(os.path.join(tokens, 'meta.json')))
     assert (meta['dataset'], meta['grid'], meta['vocab_size'], meta['features']) == (
         'demo',
-        8,
-        512,
-        'pixels',
+        GRID,
+        DEMO_VOCAB,
+        'hog',
     )
     log = read_log(out)
     assert [r['step'] for r in log] == [1, 2]
     assert all(math.isfinite(r['loss']) and 0 <= r['token_acc'] <= 1 for r in log)
-    # Untrained, the classifier is near uniform over the 512 tokens: loss ~ ln 512.
-    assert abs(log[0]['loss'] - math.log(512)) < 0.5
+    # Untrained, the classifier is near uniform over the tokens: loss ~ ln DEMO_VOCAB.
+    assert abs(log[0]['loss'] - math.log(DEMO_VOCAB)) < 0.5
     ckpt = torch.load(
         os.path.join(out, 'ckpt.pt'), weights_only=True
     )  # plain values and tensors only
@@ -142,7 +145,8 @@ def test_each_objective_trains_and_saves_a_loadable_backbone(demo_run, objective
     assert all(math.isfinite(r['loss']) and r['grad_norm'] > 0 for r in log)
     ckpt = state_of(tmp_path)
     assert ckpt['step'] == 3 and ckpt['args']['objective'] == objective
-    assert ckpt['model']['decoder.weight'].shape == (512, 128)  # vocabulary from the token file
+    # the vocabulary from the token file
+    assert ckpt['model']['decoder.weight'].shape == (DEMO_VOCAB, MICRO['embed_dim'])
     # The backbone file holds exactly the trained backbone, and the FILE loads into timm strictly.
     backbone = torch.load(tmp_path / 'backbone.pt', weights_only=True)
     trained = {
@@ -256,7 +260,7 @@ def test_sample_randomness_depends_only_on_seed_epoch_index(folder):
         [pretrain.transforms.ColorJitter(0.4, 0.4, 0.4), pretrain.transforms.ToTensor()]
     )
     dataset = data.build_dataset(root, 'train', transform=jitter)
-    rows, _ = data.load_tokens(tokens, root, 'train', len(dataset), 8)
+    rows, _ = data.load_tokens(tokens, root, 'train', len(dataset), GRID)
     items = data.KeyedSet(data.TokenizedDataset(dataset, rows), seed=0)
     pre = model.Pretrainer(model.create_model('micro', depth=3), 'mapet', vocab_size=16)
     epochs, index = torch.tensor([0, 0, 1, 1]), torch.tensor([3, 5, 3, 5])
@@ -337,7 +341,7 @@ def test_wrong_token_files_are_refused(folder, demo_run, tmp_path):
         pretrain.main(
             ['--tokens', folder_tokens, '--out', str(tmp_path / 'a'), '--steps', '1', *FAST]
         )
-    with pytest.raises(SystemExit, match=r'made for grid 8, this run uses 14'):
+    with pytest.raises(SystemExit, match=rf'made for grid {GRID}, this run uses 14'):
         pretrain.main(
             ['--tokens', demo_tokens, '--out', str(tmp_path / 'b'), *FAST[2:], '--model', 'tiny']
         )
@@ -427,7 +431,7 @@ def test_load_backbone_from_either_file_and_refuses_another_size(demo_run, tmp_p
         os.path.join(out, 'backbone.pt'),
         num_classes=5,
         drop_path_rate=0.0,
-        expect=dict(img_size=32, embed_dim=128),
+        expect=dict(img_size=32, embed_dim=MICRO['embed_dim']),
     )
     assert 'dropped pre-training parts: decoder, mask_token, norm' in report_a
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
@@ -436,6 +440,7 @@ def test_load_backbone_from_either_file_and_refuses_another_size(demo_run, tmp_p
     assert a.blocks[-1].drop_path.p == 0.0 and a.head.out_features == 5
     with pytest.raises(
         ValueError,
-        match=r'embed_dim 128 \(micro\); you asked for embed_dim 192 .*pass --model micro',
+        match=rf"embed_dim {MICRO['embed_dim']} \(micro\); you asked for embed_dim 192 "
+        r'.*pass --model micro',
     ):
         training.load_backbone(os.path.join(out, 'backbone.pt'), 5, expect=dict(embed_dim=192))

@@ -82,6 +82,16 @@ def test_uncached_probe_of_a_random_backbone_on_demo(tmp_path):
     assert record['images'] == summary['count'] == 1000 and record['top1'] == summary['top1']
 
 
+def test_pixel_baseline_is_logistic_regression_on_the_normalised_pixels():
+    """--checkpoint pixels: the head sees exactly the normalised image, at a stable lr."""
+    args = probe.resolve_args(probe.get_args_parser().parse_args(['--checkpoint', 'pixels']))
+    assert (args.model, args.lr, args.cached) == ('micro', 0.1, True)
+    lp = probe.LinearProbe(probe.Pixels(32), 10)
+    images = torch.randn(3, 3, 32, 32)
+    assert lp.head.in_features == 3 * 32 * 32
+    torch.testing.assert_close(lp(images), images.flatten(1) @ lp.head.weight.T + lp.head.bias)
+
+
 def test_only_the_head_learns():
     """The backbone stays frozen and in eval mode (no drop path) however the probe is switched."""
     vit = model.create_model('micro', num_classes=0)
@@ -127,8 +137,9 @@ def write_rule_tokens(folder, out, split, codebook):
     dataset = data.build_dataset(root, split)
     rng = np.random.default_rng(len(split))
     labels = np.asarray(dataset.targets)
-    tokens = labels[:, None, None] + 10 * rng.integers(0, 2, (len(labels), 8, 8))
-    meta = {'dataset': data.dataset_id(root), 'split': split, 'num_images': len(labels), 'grid': 8,
+    G = model.MODEL_CONFIGS['micro']['img_size'] // model.MODEL_CONFIGS['micro']['patch_size']
+    tokens = labels[:, None, None] + 10 * rng.integers(0, 2, (len(labels), G, G))
+    meta = {'dataset': data.dataset_id(root), 'split': split, 'num_images': len(labels), 'grid': G,
             'vocab_size': 20}
     data.write_tokens(out, tokens, codebook, meta)
 
@@ -161,7 +172,8 @@ def test_tokens_of_another_codebook_are_refused(folder, tmp_path):
 
 def test_demo_defaults_name_the_demo_token_dirs():
     defaults = probe.resolve_args(probe.get_args_parser().parse_args(['--method', 'tokens-vit']))
-    assert (defaults.tokens, defaults.val_tokens) == ('runs/tokens/demo', 'runs/tokens/demo_val')
+    demo = 'runs/tokens/demo_hog'  # the demo's HOG tokens
+    assert (defaults.tokens, defaults.val_tokens) == (demo, demo + '_val')
 
 
 @pytest.mark.slow

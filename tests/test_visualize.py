@@ -17,6 +17,7 @@ import model
 import visualize
 
 ALLOWED, BLOCKED = np.array(visualize.ALLOWED), np.array(visualize.GHOST)
+N_TRAIN = data.DEMO_SIZES['train']  # the demo's train images; index N_TRAIN is past the end
 
 
 def pixels(path):
@@ -38,11 +39,12 @@ def find(arr, template):
 
 @pytest.fixture(scope='module')
 def demo_tokens(tmp_path_factory):
-    """A pixels token dir over the demo train set in tokenizer.py's format: random tokens."""
+    """A pixels token dir over the demo train set in tokenizer.py's format: random tokens on an
+    8x8 grid of 4 px patches (the checkpoints' ViT below)."""
     out = str(tmp_path_factory.mktemp('tok') / 'demo')
-    tokens = np.random.default_rng(0).integers(0, 32, (5000, 8, 8))
+    tokens = np.random.default_rng(0).integers(0, 32, (N_TRAIN, 8, 8))
     data.write_tokens(out, tokens, np.zeros((32, 48)), {
-        'dataset': 'demo', 'split': 'train', 'num_images': 5000, 'grid': 8, 'vocab_size': 32,
+        'dataset': 'demo', 'split': 'train', 'num_images': N_TRAIN, 'grid': 8, 'vocab_size': 32,
         'features': 'pixels', 'image_size': 32, 'skipped': []})
     return out
 
@@ -175,9 +177,9 @@ def test_image_panels_show_what_each_target_sees(tmp_path):
 
 
 def test_codebook_rows_hold_patches_of_their_token(demo_tokens, tmp_path):
-    tokens, _ = data.load_tokens(demo_tokens, 'demo', 'train', 5000, 8)
+    tokens, _ = data.load_tokens(demo_tokens, 'demo', 'train', N_TRAIN, 8)
     counts = visualize.token_counts(tokens, 32, skipped=[7])
-    assert counts.sum() == 4999 * 64 and np.array_equal(
+    assert counts.sum() == (N_TRAIN - 1) * 64 and np.array_equal(
         counts, np.bincount(np.delete(np.asarray(tokens), 7, 0).ravel(), minlength=32))
     top = list(np.argsort(-counts, kind='stable')[:3])
     found = visualize.find_examples(tokens, top, 5, skipped=[7])
@@ -213,7 +215,8 @@ def test_token_maps_read_back(demo_tokens, tmp_path):
 
 
 def test_bad_index_and_top_say_so_in_one_line(demo_tokens, tmp_path):
-    for argv, message in ((['tokens', '--index', '5000'], 'no image 5000: pass an --index in 0'),
+    for argv, message in ((['tokens', '--index', str(N_TRAIN)],
+                           f'no image {N_TRAIN}: pass an --index in 0'),
                           (['codebook', '--top', '0'], '--top and --per-token must be at least 1')):
         with pytest.raises(SystemExit, match=message) as e:
             visualize.main([*argv, '--tokens', demo_tokens, '--out', str(tmp_path)])
@@ -306,8 +309,10 @@ def check_predictions(ckpt_path, tmp_path):
                                      '--seed', '3', '--out', str(tmp_path)])
     with open(json_path) as f:
         shown = json.load(f)
-    assert Image.open(png).width > 3 * 8 * visualize.TOKEN_CELL
     ckpt = torch.load(ckpt_path, weights_only=True)
+    G = ckpt['config']['img_size'] // ckpt['config']['patch_size']  # the token grid
+    N = G * G
+    assert Image.open(png).width > 3 * G * visualize.TOKEN_CELL
     pre = model.Pretrainer(model.VisionTransformer(**ckpt['config']), ckpt['args']['objective'],
                            vocab_size=32, cut=ckpt['args']['cut'],
                            mask_ratio=ckpt['args']['mask_ratio']).eval()
@@ -315,17 +320,17 @@ def check_predictions(ckpt_path, tmp_path):
     img = (data.DemoDataset('train').images[7] / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
     x = torch.tensor(img, dtype=torch.float32).permute(2, 0, 1)[None]
     tokens = np.load(os.path.join(ckpt['tokens']['dir'], 'tokens.npy'))
-    tokens = torch.from_numpy(tokens[7].astype(np.int64)).reshape(1, 64)
+    tokens = torch.from_numpy(tokens[7].astype(np.int64)).reshape(1, N)
     targets = [r['patch'] for r in shown['targets']]
-    assert sorted(targets + shown['visible']) == list(range(64))
+    assert sorted(targets + shown['visible']) == list(range(N))
     with torch.no_grad():
         if pre.two_stream:
             # the visible patches attend to each other alike: their order changes no prediction
-            assert len(targets) == 64 - pre.cut
+            assert len(targets) == N - pre.cut
             logits, _ = pre(x, tokens, perm=torch.tensor([shown['visible'] + targets]))
         else:
             assert targets == sorted(targets) and len(targets) == pre.num_masked
-            mask = torch.zeros(1, 64, dtype=torch.bool)
+            mask = torch.zeros(1, N, dtype=torch.bool)
             mask[0, targets] = True
             logits, _ = pre(x, tokens, mask=mask)
     prob = logits[0].softmax(-1)
@@ -341,9 +346,9 @@ def test_predictions_are_the_models(checkpoints, objective, tmp_path):
 
 
 def test_predictions_bad_index_says_so_in_one_line(checkpoints, tmp_path):
-    with pytest.raises(SystemExit, match='no image 5000: pass an --index in 0') as e:
-        visualize.main(['predictions', '--checkpoint', checkpoints['mim'], '--index', '5000',
-                        '--out', str(tmp_path)])
+    with pytest.raises(SystemExit, match=f'no image {N_TRAIN}: pass an --index in 0') as e:
+        visualize.main(['predictions', '--checkpoint', checkpoints['mim'], '--index',
+                        str(N_TRAIN), '--out', str(tmp_path)])
     assert '\n' not in str(e.value)
 
 
