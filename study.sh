@@ -1,45 +1,55 @@
 #!/usr/bin/env bash
-# The demo study: a small-scale Tab. 1-2 on the built-in demo data (README "Demo study").
+# The demo study: a small Tab. 1-2 on the built-in demo data, over seeds (README "Demo study").
 #
-# Pre-trains mim, beit, pim and mapet for the same budget (micro ViT, 3 epochs, batch 128, the
-# same seed), linear-probes each and a randomly initialised backbone, fine-tunes the mapet
-# backbone and a random one, draws the curves, and prints the table. ~21 min on 2 CPU cores.
+# Per seed, at the quick start's budget: pre-trains mim, beit, pim and mapet; linear-probes each,
+# a random backbone and the raw pixels; fine-tunes the mapet backbone and a random one for the
+# quick start's 4 epochs, and a random one for 12 (the supervised ceiling). Then the table of
+# mean +- std over the seeds. ~21 min per seed on 2 CPU cores.
 #
-#     bash study.sh                # everything in runs/study
-#     SEED=1 bash study.sh         # another seed, in runs/study_seed1
+#     bash study.sh                  # seeds 0 1 2, in runs/study
+#     SEEDS=3 OUT=runs/s3 bash study.sh
 set -euo pipefail
 cd "$(dirname "$0")"
-SEED=${SEED:-0}
-OUT=${OUT:-runs/study$([ "$SEED" = 0 ] || echo "_seed$SEED")}
+SEEDS=${SEEDS:-0 1 2}
+OUT=${OUT:-runs/study}
 RESULTS=$OUT/results.jsonl
 mkdir -p "$OUT"
 rm -f "$RESULTS"
 
-for objective in mim beit pim mapet; do
-    if [ ! -f "$OUT/pretrain_$objective/backbone.pt" ]; then
-        rm -rf "$OUT/pretrain_$objective"
-        python pretrain.py --objective "$objective" --seed "$SEED" --out "$OUT/pretrain_$objective"
-    fi
+for seed in $SEEDS; do
+    dir=$OUT/seed$seed
+    for objective in mim beit pim mapet; do
+        if [ ! -f "$dir/pretrain_$objective/backbone.pt" ]; then
+            rm -rf "$dir/pretrain_$objective"
+            python pretrain.py --objective "$objective" --seed "$seed" --out "$dir/pretrain_$objective"
+        fi
+    done
+    for checkpoint in none pixels "$dir"/pretrain_{mim,beit,pim,mapet}/backbone.pt; do
+        python probe.py --checkpoint "$checkpoint" --seed "$seed" --results "$RESULTS"
+    done
+    for run in scratch:none:4 mapet:"$dir/pretrain_mapet/backbone.pt":4 ceiling:none:12; do
+        IFS=: read -r name checkpoint epochs <<< "$run"
+        rm -rf "$dir/finetune_$name"
+        python finetune.py --checkpoint "$checkpoint" --epochs "$epochs" --seed "$seed" \
+            --out "$dir/finetune_$name" --results "$RESULTS"
+    done
 done
 
-python probe.py --checkpoint none --seed "$SEED" --results "$RESULTS"
-for objective in mim beit pim mapet; do
-    python probe.py --checkpoint "$OUT/pretrain_$objective/backbone.pt" --seed "$SEED" --results "$RESULTS"
-done
-
-for checkpoint in none "$OUT/pretrain_mapet/backbone.pt"; do
-    name=$([ "$checkpoint" = none ] && echo scratch || echo mapet)
-    rm -rf "$OUT/finetune_$name"
-    python finetune.py --checkpoint "$checkpoint" --seed "$SEED" --out "$OUT/finetune_$name" --results "$RESULTS"
-done
-
-python visualize.py curves "$OUT"/pretrain_{mim,beit,pim,mapet}/log.jsonl --labels mim,beit,pim,mapet --out "$OUT"
+python visualize.py curves "$OUT"/seed0/pretrain_{mim,beit,pim,mapet}/log.jsonl \
+    --labels mim,beit,pim,mapet --out "$OUT"
 
 python - "$RESULTS" <<'EOF'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-print('| method | checkpoint | seed | top-1 | top-5 | epochs | wall time |')
+import collections, json, os, statistics, sys
+rows = collections.defaultdict(list)
+for r in map(json.loads, open(sys.argv[1])):
+    start = os.path.basename(os.path.dirname(r['checkpoint'])).replace('pretrain_', '')
+    rows[r['method'], start if '/' in r['checkpoint'] else r['checkpoint'], r['epochs']].append(r)
+print('| method | from | epochs | top-1 (mean ± std) | seeds | per seed | time |')
 print('|---|---|---|---|---|---|---|')
-for r in rows:
-    print(f"| {r['method']} | {r['checkpoint']} | {r['seed']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['epochs']} | {r['seconds']:.0f} s |")
+for (method, start, epochs), rs in rows.items():
+    top1 = [r['top1'] for r in rs]
+    std = statistics.stdev(top1) if len(top1) > 1 else float('nan')
+    print(f"| {method} | {start} | {epochs:g} | {statistics.mean(top1):.1f} ± {std:.1f} | "
+          f"{len(rs)} | {' / '.join(f'{t:.1f}' for t in top1)} | "
+          f"{statistics.mean(r['seconds'] for r in rs):.0f} s |")
 EOF
