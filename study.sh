@@ -35,7 +35,8 @@ for seed in $SEEDS; do
     done
 done
 
-python visualize.py curves "$OUT"/seed0/pretrain_{mim,beit,pim,mapet}/log.jsonl \
+first=${SEEDS%% *}  # the curves of the first seed
+python visualize.py curves "$OUT/seed$first"/pretrain_{mim,beit,pim,mapet}/log.jsonl \
     --labels mim,beit,pim,mapet --out "$OUT"
 
 python - "$RESULTS" <<'EOF'
