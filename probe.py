@@ -163,7 +163,7 @@ class Pixels(nn.Module):
 
     def __init__(self, size):
         super().__init__()
-        self.size, self.embed_dim = size, 3 * size * size
+        self.config, self.embed_dim = {'img_size': size}, 3 * size * size  # as a ViT's
 
     def forward_features(self, images):
         return images.flatten(1)
@@ -221,14 +221,14 @@ def linear_probe(args, d, micro, dtype):
         report = f'--checkpoint none: a randomly initialised {args.model} ViT, the baseline'
     elif args.checkpoint == 'pixels':
         backbone = Pixels(model.MODEL_CONFIGS[args.model]['img_size'])
-        report = f'--checkpoint pixels: logistic regression on the {backbone.size} px images'
+        report = f'--checkpoint pixels: logistic regression on the raw images'
     else:
         config = model.MODEL_CONFIGS.get(args.model)
         backbone, report = training.load_backbone(args.checkpoint, 0, 0.0, config and {
             k: config[k] for k in training.SIZE_KEYS})
         args.model = training.size_name(backbone.config)
     print0(report)
-    size = backbone.size if args.checkpoint == 'pixels' else backbone.patch_embed.img_size
+    size = backbone.config['img_size']
     centre = data.eval_transform(size, args.eval_crop)
     val = data.build_dataset(args.data, 'val', args.data_root, centre)
     probe = LinearProbe(backbone, len(val.classes)).to(d.device)
