@@ -221,7 +221,7 @@ def linear_probe(args, d, micro, dtype):
         report = f'--checkpoint none: a randomly initialised {args.model} ViT, the baseline'
     elif args.checkpoint == 'pixels':
         backbone = Pixels(model.MODEL_CONFIGS[args.model]['img_size'])
-        report = f'--checkpoint pixels: logistic regression on the raw images'
+        report = '--checkpoint pixels: logistic regression on the raw images'
     else:
         config = model.MODEL_CONFIGS.get(args.model)
         backbone, report = training.load_backbone(args.checkpoint, 0, 0.0, config and {
