@@ -84,12 +84,11 @@ class BPETokenizer:
                 best = min(pairwise(parts), key=lambda pair: self.rank.get(pair, math.inf))
                 if best not in self.rank:
                     break
-                merged, i = [], 0
-                while i < len(parts):  # every occurrence, left to right, without overlap
-                    pair = i + 1 < len(parts) and (parts[i], parts[i + 1]) == best
-                    merged.append(parts[i] + parts[i + 1] if pair else parts[i])
-                    i += 2 if pair else 1
-                parts = merged
+                i = 0
+                while i < len(parts) - 1:  # every occurrence, left to right, without overlap
+                    if (parts[i], parts[i + 1]) == best:
+                        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+                    i += 1
             self.cache[word] = parts
         return self.cache[word]
 

@@ -4,7 +4,7 @@ Paper: Sec. 5.1 (average-pooled final patch tokens feed a softmax classifier), T
 ImageNet-1k), App. D and Tab. 8 (the recipe: SIZES and PAPER below, no gradient clipping), App. A
 (food101, stanford_cars, fgvc_aircraft).
 
-    python finetune.py --checkpoint runs/pretrain_mapet/backbone.pt   # demo: ~4 min on 2 CPUs
+    python finetune.py --checkpoint runs/pretrain_mapet/backbone.pt   # demo: ~65 s on 2 CPUs
     python finetune.py --checkpoint none                              # from scratch (Tab. 2 "ViT")
     torchrun --nproc_per_node=8 finetune.py --checkpoint runs/pretrain_mapet_base/backbone.pt \\
         --data /path/imagenet --accum 2  # ViT-B: 100 epochs, batch 1024 = 8 GPUs x 2 x 64
@@ -62,44 +62,44 @@ def get_args_parser():
 
     def default(key):
         return f'[paper: {PAPER[key]}; demo: {DEMO[key]}]'
-    g = p.add_argument_group('model')
-    g.add_argument('--checkpoint', required=True, help='backbone.pt, ckpt.pt or none (Tab. 2)')
-    g.add_argument('--model', choices=list(model.MODEL_CONFIGS), help='ViT size [the checkpoint\'s'
-                   '; none: base, demo: micro]')
-    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth [paper: 0.1]')
-    g = p.add_argument_group('data')
-    g.add_argument('--data', default='demo', help='demo | ImageFolder root | '
-                   + ' | '.join(data.TORCHVISION_DATASETS) + ' [demo]')
-    g.add_argument('--data-root', default='data', help='where torchvision sets are [data]')
-    g.add_argument('--workers', type=int, help=f'loader processes per GPU {default("workers")}')
-    g.add_argument('--crop-scale', type=float, help=f'smallest crop area {default("crop_scale")}')
-    g.add_argument('--eval-crop', type=float, help=f'centre crop fraction {default("eval_crop")}')
-    g = p.add_argument_group('augmentation and regularisation (Tab. 8)')
-    g.add_argument('--randaug', type=float, help=f'RandAugment M, 0 = off {default("randaug")}')
-    g.add_argument('--randaug-std', type=float, default=0.5, help='its std [paper: 0.5]')
-    g.add_argument('--reprob', type=float, help=f'random erasing probability {default("reprob")}')
-    g.add_argument('--mixup', type=float, help=f'mixup Beta alpha; 0 = off {default("mixup")}')
-    g.add_argument('--cutmix', type=float, help=f'cutmix Beta alpha; 0 = off {default("cutmix")}')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing [paper: 0.1]')
-    g = p.add_argument_group('optimisation (Tab. 8)')
-    g.add_argument('--epochs', type=int, help=per_size('epochs'))
-    g.add_argument('--batch-size', type=int, help=f'global batch {default("batch_size")}')
-    g.add_argument('--accum', type=int, default=1, help='micro-batches per step [1]')
-    g.add_argument('--lr', type=float, help=f'peak lr at batch 1024, scaled {per_size("lr")}')
-    g.add_argument('--layer-decay', type=float, help=f'lr decay/layer {per_size("layer_decay")}')
-    g.add_argument('--min-lr', type=float, default=1e-6, help='lr at the end of the cosine [1e-6]')
-    g.add_argument('--warmup-epochs', type=float, help=f'linear {default("warmup_epochs")}')
-    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW [paper: 0.05]')
-    g.add_argument('--dtype', default='auto', choices=('auto', *training.DTYPES),
-                   help='auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU')
-    g = p.add_argument_group('run')
-    g.add_argument('--out', help='output directory [runs/finetune_<run>[_<dataset>]]')
-    g.add_argument('--resume', action='store_true', help='continue the run in --out, exactly')
-    g.add_argument('--eval-only', action='store_true', help='evaluate a ckpt.pt of finetune.py')
-    g.add_argument('--seed', type=int, default=0, help='init, data order, draws [0]')
-    g.add_argument('--steps', type=int, help='stop at this step; the schedule spans --epochs')
-    g.add_argument('--results', default=os.path.join('runs', 'results.jsonl'), help='[%(default)s]')
-    g.add_argument('--device', help='cuda | cpu | cuda:N [cuda if available]')
+    add = p.add_argument_group('model').add_argument
+    add('--checkpoint', required=True, help='backbone.pt, ckpt.pt or none (Tab. 2)')
+    add('--model', choices=list(model.MODEL_CONFIGS), help="[the checkpoint's; none: base, demo: "
+        'micro]')
+    add('--drop-path', type=float, default=0.1, help='stochastic depth [paper: 0.1]')
+    add = p.add_argument_group('data').add_argument
+    add('--data', default='demo', help='demo | ImageFolder root | '
+        + ' | '.join(data.TORCHVISION_DATASETS) + ' [demo]')
+    add('--data-root', default='data', help='of torchvision datasets [data]')
+    add('--workers', type=int, help=f'per GPU {default("workers")}')
+    add('--crop-scale', type=float, help=f'least crop area {default("crop_scale")}')
+    add('--eval-crop', type=float, help=f'centre crop {default("eval_crop")}')
+    add = p.add_argument_group('augmentation and regularisation (Tab. 8)').add_argument
+    add('--randaug', type=float, help=f'RandAugment M, 0 = off {default("randaug")}')
+    add('--randaug-std', type=float, default=0.5, help='its std [paper: 0.5]')
+    add('--reprob', type=float, help=f'random erasing probability {default("reprob")}')
+    add('--mixup', type=float, help=f'Beta alpha, 0 = off {default("mixup")}')
+    add('--cutmix', type=float, help=f'Beta alpha, 0 = off {default("cutmix")}')
+    add('--smoothing', type=float, default=0.1, help='label smoothing [paper: 0.1]')
+    add = p.add_argument_group('optimisation (Tab. 8)').add_argument
+    add('--epochs', type=int, help=per_size('epochs'))
+    add('--batch-size', type=int, help=f'global {default("batch_size")}')
+    add('--accum', type=int, default=1, help='micro-batches per step [1]')
+    add('--lr', type=float, help=f'peak at batch 1024, scaled {per_size("lr")}')
+    add('--layer-decay', type=float, help=per_size('layer_decay'))
+    add('--min-lr', type=float, default=1e-6, help='at the end of the cosine [1e-6]')
+    add('--warmup-epochs', type=float, help=f'linear {default("warmup_epochs")}')
+    add('--weight-decay', type=float, default=0.05, help='AdamW [paper: 0.05]')
+    add('--dtype', default='auto', choices=('auto', *training.DTYPES),
+        help='auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU')
+    add = p.add_argument_group('run').add_argument
+    add('--out', help='[runs/finetune_<run>[_<dataset>]]')
+    add('--resume', action='store_true', help='continue the run in --out, exactly')
+    add('--eval-only', action='store_true', help='evaluate a ckpt.pt of finetune.py')
+    add('--seed', type=int, default=0, help='init, data order, draws [0]')
+    add('--steps', type=int, help='stop at this step; the schedule spans --epochs')
+    add('--results', default=os.path.join('runs', 'results.jsonl'), help='[%(default)s]')
+    add('--device', help='cuda | cpu | cuda:N [cuda if available]')
     return p
 
 

@@ -1,7 +1,7 @@
 """Linear probe of a frozen backbone (Sec. 5.1, App. D; Tab. 1, 2, 5) and tokens-only
 classification (Sec. 5.3, Tab. 4: how the tokenizers are compared).
 
-    python probe.py --checkpoint runs/pretrain_mapet/backbone.pt    # demo, cached, ~40 s
+    python probe.py --checkpoint runs/pretrain_mapet/backbone.pt    # demo, cached, ~16 s
     python probe.py --checkpoint none                                # baseline: random backbone
     python probe.py --checkpoint runs/pretrain_mapet/backbone.pt --no-cached --epochs 5
     python probe.py --method tokens-mlp                 # demo tokens, made first if missing
@@ -83,7 +83,7 @@ def get_args_parser():
     add = p.add_argument_group('run').add_argument
     add('--device', help='cuda | cpu | cuda:N [cuda if available]')
     add('--seed', type=int, default=0, help='[0]')
-    add('--results', default='runs/results.jsonl', help='[runs/results.jsonl]')
+    add('--results', default='runs/results.jsonl', help='[%(default)s]')
     return p
 
 
