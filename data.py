@@ -349,8 +349,10 @@ def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=Non
             command += f" --out {out} --codebook <the train split's token dir>"
         else:
             features = meta.get('features', 'hog' if dataset_name == 'demo' else 'clip')
+            kind, _, name = features.partition(':')  # e.g. clip:RN50, vqkd:<its name or file>
             cut = f' --features {features}' + (f' --patch {patch}' if patch else '')
-            command += f' --grid {grid}{"" if features.startswith("clip") else cut} --out {out}'
+            cut = {'clip': '', 'vqkd': f' --features vqkd --vqkd {name}'}.get(kind, cut)
+            command += f' --grid {grid}{cut} --out {out}'
         return f'run `{command}`' + ('' if out == token_dir else f' and pass --tokens {out}')
     for path in (npy, js):
         if not os.path.isfile(path):

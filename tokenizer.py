@@ -2,7 +2,8 @@
 
 A patch's token is its nearest centroid in a k-means codebook (K=8192) fitted to 10% of the
 patch features: CLIP ResNet `layer4` at 32*G px, one per cell of a G x G grid (offline: `--features
-hog`, edge histograms, the demo's; `pixels`, the ViT's raw patches).
+hog`, edge histograms, the demo's; `pixels`, the ViT's raw patches). `--features vqkd` takes BEiT
+v2's released tokenizer instead (Sec. 5), no k-means.
 
     python tokenizer.py --data demo --split train --out runs/tok_train  # ~20 s on a CPU
     python tokenizer.py --data demo --split val --codebook runs/tok_train --out runs/tok_val
@@ -29,11 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
 import clip_model
 import data
+import model
 import training
 
 # Collectives that also run as one process.
@@ -199,15 +202,98 @@ def clip_features(model, images):
     return f.float().permute(0, 2, 3, 1)
 
 
+# VQ-KD (BEiT v2, Peng et al. 2022). assign's nearest code is the quantizer's, argmin |z - w|^2 with
+# |z| = 1: for the released codes, unit vectors (norm EMA), the one of highest cosine.
+
+VQKD_URL = 'https://github.com/addf400/files/releases/download/BEiT-v2/{}-{}.pth'
+VQKD = {'vqkd_encoder_base_decoder_3x768x12_clip': 'd5036aa7',  # BEiT v2's for pre-training
+        'vqkd_encoder_base_decoder_1x768x12_clip': 'd93179da'}  # first digits of the SHA-256
+
+
+def load_vqkd(name_or_path, device):
+    """(model.py's ViT, the task layer as head; codebook [K, C]) of a file or a VQKD name (into
+    torch.hub's cache, as BEiT v2's code). BEiT's ViT differs in three places: q, v biases, no k
+    bias (qkv.bias = [q; 0; v]); no layer scale (gamma = 1); the final norm: fc_norm per patch."""
+    if name_or_path in VQKD:
+        digest = VQKD[name_or_path]
+        path = clip_model.download(VQKD_URL.format(name_or_path, digest),
+                                   os.path.join(torch.hub.get_dir(), 'checkpoints'), digest)
+    elif not os.path.isfile(path := name_or_path):
+        raise SystemExit(f'no VQ-KD tokenizer {path!r}: not a file, nor one of {", ".join(VQKD)}')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # BEiT saves its args
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 (the unpickler raises any type)
+        raise SystemExit(f'cannot read {path} ({type(e).__name__}): not a checkpoint') from None
+    sd = dict(sd.get('model', sd.get('state_dict', sd))) if isinstance(sd, dict) else {}  # BEiT's
+
+    def size(key, dim, base):
+        t = sd.get(key)
+        return t.shape[dim] if isinstance(t, torch.Tensor) and t.dim() > dim else base
+
+    def take(key, shape):
+        if not isinstance(t := sd.pop(key, None), torch.Tensor) or t.shape != shape:
+            found = list(t.shape) if isinstance(t, torch.Tensor) else 'missing'
+            raise SystemExit(f'{path} is not a VQ-KD checkpoint: {key} is {found}, expected '
+                             f'{list(shape)}')
+        return t.float()
+
+    w, q = 'encoder.patch_embed.proj.weight', 'quantize.embedding.weight'  # absent: ViT-B's
+    D, p, K, C = size(w, 0, 768), size(w, 2, 16), size(q, 0, 8192), size(q, 1, 32)
+    G = math.isqrt(size('encoder.pos_embed', 1, 197) - 1)
+    depth = len({k.split('.')[2] for k in sd if k.startswith('encoder.blocks.')}) or 12
+    with torch.device('meta'):  # every tensor from the file; sizes from its shapes, heads of 64
+        vit = model.VisionTransformer(G * p, p, D, depth, D // 64, drop_path_rate=0, layer_scale=1)
+        vit.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, C))
+    weights = {}
+    for k, v in vit.state_dict().items():
+        key = 'encode_task_layer.' + k[5:] if k.startswith('head.') else 'encoder.' + k
+        if k.endswith('.gamma'):
+            weights[k] = torch.ones(v.shape)
+        elif k.endswith('qkv.bias'):
+            qb, vb = (take(key.removesuffix('qkv.bias') + n, (D,)) for n in ('q_bias', 'v_bias'))
+            weights[k] = torch.cat([qb, torch.zeros(D), vb])
+        else:
+            weights[k] = take(key, v.shape)
+    vit.load_state_dict(weights, assign=True)
+    codebook = take(q, (K, C))
+    # left by name: the decoder, the quantizer's EMA statistics, what BEiT v2's loader drops
+    if other := [k for k in sd if not k.startswith(('decoder.', 'decode_task_layer.', 'quantize.',
+                                                    'teacher', 'scaling', 'loss'))]:
+        raise SystemExit(f'{path} is not a VQ-KD checkpoint: unexpected {other[0]}')
+    return vit.to(device).eval(), codebook
+
+
+def vqkd_features(vit, images):
+    """[B, 3, pG, pG] images in [-1, 1] -> [B, G, G, C]: VQKD.encode, L2-normalised (quantizer)."""
+    with torch.no_grad():
+        with torch.autocast('cuda', torch.float16, enabled=images.is_cuda):  # as BEiT v2 trains
+            x = vit.fc_norm(vit.forward_features(images)[:, 1:])
+        f = F.normalize(vit.head(x.float()), dim=-1)  # the task layer in float32, as VQKD.encode
+    return f.unflatten(1, (vit.patch_embed.grid,) * 2)
+
+
 def feature_pipeline(args, device):
-    """(transform, images -> features, image size, C); normalised by batch on the device, as
-    per-image ops in the loader are slow."""
+    """(transform, images -> features, image size, C, VQ-KD's codebook or None); normalised by
+    batch on the device, as per-image ops in the loader are slow."""
+    codebook = None
     if args.features == 'pixels':
         size, norm = args.patch * args.grid, (data.IMAGENET_MEAN, data.IMAGENET_STD)
         features, dim = partial(pixel_features, patch=args.patch), 3 * args.patch ** 2
     elif args.features == 'hog':
         size, norm = args.patch * args.grid, ((0, 0, 0), (1, 1, 1))  # pixels in [0, 1]
         features, dim = partial(hog_features, patch=args.patch), 9
+    elif args.features == 'vqkd':
+        try:
+            vit, codebook = load_vqkd(args.vqkd, device)
+        except SystemExit as e:
+            raise SystemExit(f'tokenizer.py: --vqkd: {e}') from None
+        G, (K, C) = vit.patch_embed.grid, codebook.shape
+        if (args.grid, args.vocab) != (G, K):
+            raise SystemExit(f'tokenizer.py: --vqkd {args.vqkd} makes {G}x{G} tokens of {K}: '
+                             f'pass --grid {G} --vocab {K}')
+        size, norm = vit.patch_embed.img_size, ((0.5,) * 3, (0.5,) * 3)  # BEiT v2: to [-1, 1]
+        features, dim = partial(vqkd_features, vit), C
     else:
         try:
             model = clip_model.load(args.clip, device)
@@ -221,7 +307,7 @@ def feature_pipeline(args, device):
         return features((images.to(device, non_blocking=True) - mean) / std)
 
     return (transforms.Compose([data.pretrain_geometry(size), transforms.PILToTensor()]),
-            features_of, size, dim)
+            features_of, size, dim, codebook)
 
 
 # The command: arguments -> features -> codebook -> tokens -> files.
@@ -237,8 +323,10 @@ def get_args_parser():
     g.add_argument('--data-root', default='data', help='torchvision download dir [data]')
     g.add_argument('--out', required=True, help='dir for the token files')
     g = p.add_argument_group('features (demo: hog, grid 4, patch 8; --codebook: its own)')
-    g.add_argument('--features', choices=('clip', 'hog', 'pixels'),
-                   help='clip: CLIP layer4 (paper); hog: edges (demo); pixels: raw patches [clip]')
+    g.add_argument('--features', choices=('clip', 'hog', 'pixels', 'vqkd'),
+                   help='clip: CLIP layer4 (paper); hog: edges (demo); pixels: raw patches; '
+                   'vqkd: BEiT v2\'s tokens, no k-means (paper) [clip]')
+    g.add_argument('--vqkd', help=f'{" or ".join(VQKD)} or a BEiT v2 file [{[*VQKD][0]}]')
     g.add_argument('--clip', help=f'{", ".join(clip_model.MODELS)} or an OpenAI checkpoint file; '
                    'paper: RN50x64 [RN50]')
     g.add_argument('--grid', type=int, help='tokens per side G (CLIP at 32*G px) [14]')
@@ -283,9 +371,10 @@ def resolve_args(args):
             raise ValueError(f'--out {args.out} is the --codebook dir: its tokens would be lost')
         meta = read_meta(book)
         kind, _, name = meta['features'].partition(':')
-        fixed = {'features': kind, 'clip': name or None, 'grid': meta['grid'],
-                 'patch': None if kind == 'clip' else meta['image_size'] // meta['grid'],
-                 'vocab': meta['vocab_size'], **{k: meta[k] for k in ('sample', 'iters', 'seed')}}
+        fixed = {'features': kind, **{k: name if k == kind else None for k in ('clip', 'vqkd')},
+                 'grid': meta['grid'], 'vocab': meta['vocab_size'],
+                 'patch': None if name else meta['image_size'] // meta['grid'],
+                 **{k: meta.get(k) for k in ('sample', 'iters', 'seed')}}  # none: VQ-KD
         for key, value in fixed.items():
             if getattr(args, key) not in (None, value):
                 raise ValueError(f'--{key} {getattr(args, key)} does not match the codebook in '
@@ -296,13 +385,14 @@ def resolve_args(args):
                 'batch_size': 500 if demo else 64,
                 'workers': 0 if demo else training.default_workers()}
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
-    if args.features == 'clip':
-        if args.patch is not None:
-            raise ValueError('--patch applies to --features hog or pixels: drop it')
-        args.clip = args.clip or 'RN50'
-    elif args.clip is not None:
-        raise ValueError('--clip applies to --features clip: drop it')
-    elif args.patch is None:
+    if args.features in ('clip', 'vqkd') and args.patch is not None:
+        raise ValueError('--patch applies to --features hog or pixels: drop it')
+    for kind, default in (('clip', 'RN50'), ('vqkd', [*VQKD][0])):
+        if args.features == kind:
+            setattr(args, kind, getattr(args, kind) or default)
+        elif getattr(args, kind) is not None:
+            raise ValueError(f'--{kind} applies to --features {kind}: drop it')
+    if args.features in ('hog', 'pixels') and args.patch is None:
         args.patch = 8 if demo else 16
     if not 0 < args.sample <= 1:
         raise ValueError(f'--sample {args.sample} is not in (0, 1]: it is a fraction')
@@ -370,16 +460,19 @@ def write_token_files(args, n, rows, tokens, codebook, fit, image_size, seconds)
     p = counts[counts > 0] / max(counts.sum(), 1)
     meta = {'dataset': data.dataset_id(args.data), 'split': args.split, 'num_images': n,
             'grid': G, 'vocab_size': K, 'image_size': image_size,
-            'features': f'clip:{args.clip}' if args.features == 'clip' else args.features,
+            'features': f'{args.features}:{getattr(args, args.features)}'
+            if args.features in ('clip', 'vqkd') else args.features,
             'feature_dim': codebook.shape[1], **fit,
             'codebook_from': os.path.realpath(args.codebook) if args.codebook else None,
             'skipped': sorted(set(range(n)) - set(rows.tolist())),
             'tokens_used': int((counts > 0).sum()), 'perplexity': float(np.exp(-p @ np.log(p))),
             'world_size': world()[1], 'seconds': round(seconds, 1)}
     data.write_tokens(args.out, grid, codebook.cpu().numpy(), meta)
+    inertia = fit.get('inertia')  # none: VQ-KD's codebook
     print(f'{n} images ({len(meta["skipped"])} unreadable), {meta["features"]} features '
-          f'[{G}, {G}, {codebook.shape[1]}] at {image_size} px; inertia {fit["inertia"][0]:.4g} -> '
-          f'{fit["inertia"][-1]:.4g}; {meta["tokens_used"]}/{K} tokens used, perplexity '
+          f'[{G}, {G}, {codebook.shape[1]}] at {image_size} px; '
+          + (f'inertia {inertia[0]:.4g} -> {inertia[-1]:.4g}; ' if inertia else '')
+          + f'{meta["tokens_used"]}/{K} tokens used, perplexity '
           f'{meta["perplexity"]:.1f}; {seconds:.1f} s -> {args.out}')
     return meta
 
@@ -395,18 +488,20 @@ def main(argv=None):
     d = training.setup_distributed(args.device)
     training.print_run(args)
     start = time.time()
-    dataset.transform, features_of, image_size, dim = feature_pipeline(args, d.device)
+    dataset.transform, features_of, image_size, dim, codebook = feature_pipeline(args, d.device)
+    fit = {}  # VQ-KD: no k-means
     if args.codebook:
         codebook = torch.from_numpy(np.load(os.path.join(args.codebook, 'codebook.npy')))
         if codebook.shape != (args.vocab, dim):
             raise SystemExit(f'tokenizer.py: {args.codebook}/codebook.npy is {list(codebook.shape)}'
                              f', these features need [{args.vocab}, {dim}]: fit it again')
         meta = read_meta(args.codebook)
-        fit = {k: meta[k] for k in ('sample', 'iters', 'seed', 'features_fitted', 'inertia')}
+        fit = {k: meta[k] for k in ('sample', 'iters', 'seed', 'features_fitted', 'inertia')
+               if k in meta}
     mine = torch.arange(d.rank, len(dataset), d.world_size)  # this rank's images
     loader = training.eval_loader(data.IndexedDataset(dataset), args.batch_size, args.workers, d)
     batches = partial(patch_features, loader, features_of)  # desc -> a pass over them
-    if not args.codebook:
+    if codebook is None:
         codebook, fit = fit_codebook(args, batches('features'), mine, dim, d.device)
     rows, tokens = tokenize_images(batches('tokens'), codebook.to(d.device), args.grid, d.device)
     meta = None if d.rank else write_token_files(args, len(dataset), rows, tokens, codebook, fit,
