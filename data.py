@@ -12,17 +12,21 @@ tokens", so the tokenizer and pre-training cut images with the one pretrain_geom
 A user mistake (unknown name, missing folder, no network, wrong token file) is a one-line
 ValueError.
 """
+import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import os
+import time
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -275,11 +279,23 @@ class SeededSet(Dataset):
 
 
 class KeyedSet(SeededSet):
-    """(epoch, index, *item): the step draws the sample's other randomness (per_sample)."""
+    """(epoch, index, *item, *drawn): drawn[j] = draw(1)[0] under keyed(seed, epoch, index, key)
+    for the j-th (key, draw) of `draws`: a sample's other randomness, drawn in the loader's
+    workers, off the training process."""
+
+    def __init__(self, dataset, seed, draws=()):
+        super().__init__(dataset, seed)
+        self.draws = list(draws)
 
     def __getitem__(self, key):
         item = super().__getitem__(key)
-        return None if item is None else (*key, *item)
+        if item is None:
+            return None
+        drawn = []
+        for k, draw in self.draws:
+            with keyed(self.seed, *key, k):
+                drawn.append(draw(1)[0])
+        return (*key, *item, *drawn)
 
 
 # Wrappers and the collate function every DataLoader uses.
@@ -381,3 +397,146 @@ def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=Non
         raise ValueError(f'{npy} holds token {int(tokens.max())}, outside the vocabulary of '
                          f'{meta.get("vocab_size")} in {js}: {fix(meta)}')
     return tokens, meta
+
+
+# Paper scale (README "Input pipeline"): the geometry is fixed, so each image is decoded, resized
+# and cropped once, into a uint8 [N, S, S, 3] memory map; pretrain.py jitters it on the device.
+
+def fingerprint(dataset):
+    """The sorted file list of an ImageFolder (empty for demo and torchvision sets)."""
+    names = [os.path.relpath(path, dataset.root) for path, _ in getattr(dataset, 'samples', ())]
+    return hashlib.sha256('\n'.join(names).encode()).hexdigest()[:16]
+
+
+def write_image_cache(name, split, size, out_dir, root='data', workers=0):
+    """<out_dir>/images.npy (uint8 [N, size, size, 3]) and images.json; returns images/s."""
+    dataset = build_dataset(name, split, root, transforms.Compose([pretrain_geometry(size),
+                                                                    np.array]))
+    loader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers,
+                        collate_fn=collate_skip)
+    os.makedirs(out_dir, exist_ok=True)
+    path, seen, start = os.path.join(out_dir, 'images.npy'), set(), time.perf_counter()
+    images = np.lib.format.open_memmap(path + '.tmp', 'w+', np.uint8, (len(dataset), size, size, 3))
+    for batch in tqdm(loader, desc=f'decode {split} at {size} px', dynamic_ncols=True):
+        if batch is not None:  # rows of unreadable images stay 0 and are listed as skipped
+            index, pixels, _ = batch
+            images[index.numpy()] = pixels.numpy()
+            seen.update(index.tolist())
+    images.flush()
+    del images
+    os.replace(path + '.tmp', path)
+    meta = dict(dataset=dataset_id(name), split=split, size=size, num_images=len(dataset),
+                files=fingerprint(dataset), skipped=sorted(set(range(len(dataset))) - seen))
+    with open(os.path.join(out_dir, 'images.json.tmp'), 'w') as f:
+        json.dump(meta, f)
+    os.replace(os.path.join(out_dir, 'images.json.tmp'), os.path.join(out_dir, 'images.json'))
+    return len(dataset) / (time.perf_counter() - start)
+
+
+class CachedImages(Dataset):
+    """(uint8 crop [S, S, 3], 0) from write_image_cache's files, checked against the run."""
+
+    def __init__(self, cache_dir, name, split, size, dataset):
+        fix = (f'run `python data.py --data {name} --split {split} --size {size} --out '
+               f'{cache_dir}`')
+        try:
+            with open(os.path.join(cache_dir, 'images.json')) as f:
+                meta = json.load(f)
+            # copy-on-write: writable rows for torch.from_numpy, yet never copied nor written
+            self.images = np.load(os.path.join(cache_dir, 'images.npy'), mmap_mode='c')
+        except (OSError, ValueError) as e:
+            raise ValueError(f'no readable image cache in {cache_dir} ({e}): {fix}') from None
+        ours = dict(dataset=dataset_id(name), split=split, size=size, num_images=len(dataset),
+                    files=fingerprint(dataset))
+        for key, value in ours.items():
+            if meta.get(key) != value:
+                raise ValueError(f'the image cache in {cache_dir} was made for {key} '
+                                 f'{meta.get(key)!r}, this run has {value!r}: {fix}')
+        if self.images.shape != (len(dataset), size, size, 3):
+            raise ValueError(f'{cache_dir}/images.npy is damaged ({self.images.shape}): {fix}')
+        self.skipped = set(meta['skipped'])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return None if i in self.skipped else (torch.from_numpy(self.images[i]), 0)
+
+
+class SyntheticPairs(Dataset):
+    """(random uint8 crop, random tokens) as many as ImageNet-1k's: --data synthetic times the
+    whole loop (loader, jitter, step) without a dataset."""
+
+    def __init__(self, size, grid, vocab_size, num_images=1_281_167, pool=64):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(256, (pool, size, size, 3), dtype=torch.uint8, generator=g)
+        self.tokens = torch.randint(vocab_size, (pool, grid * grid), generator=g)
+        self.num_images = num_images
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        return self.images[i % len(self.images)], self.tokens[i % len(self.tokens)]
+
+
+def draw_jitter(batch, strength):
+    """torchvision's ColorJitter(strength, strength, strength).get_params per sample, in its
+    order: the order of its 4 ops (3 = hue, off) and the brightness, contrast, saturation
+    factors: [batch, 7]."""
+    rows = []
+    for _ in range(batch):
+        order = torch.randperm(4).float()
+        factors = [torch.empty(1).uniform_(max(0, 1 - strength), 1 + strength) for _ in range(3)]
+        rows.append(torch.cat([order, *factors]))
+    return torch.stack(rows)
+
+
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def color_jitter(images, params):
+    """uint8 [B, S, S, 3] -> normalised float [B, 3, S, S], per sample ColorJitter's ops in its
+    drawn order. Each op is affine in the colour, so they compose into one 3x3 map and offset
+    per sample, applied in one batched matmul; torchvision clamps to [0, 1] after every op, we
+    once at the end: the two differ only where an intermediate value leaves [0, 1]."""
+    B, S = images.shape[:2]
+    x = images.permute(0, 3, 1, 2).reshape(B, 3, -1).float()  # [B, 3, P]
+    eye = torch.eye(3, device=x.device)
+    grey = x.new_tensor(GREY)
+    A, b = eye.expand(B, 3, 3) / 255, x.new_zeros(B, 3)  # y = A x + b, in [0, 1]
+    channel_mean = x.mean(2)  # [B, 3]: the mean of A x + b is A mean + b
+    for k in range(4):  # the drawn order; op 3 (hue) is off
+        op = params[:, k].long()
+        f = params[:, 4:].gather(1, op.clamp(max=2)[:, None]).where(op[:, None] < 3, 1.0)  # [B, 1]
+        contrast, saturation = (op == 1)[:, None], (op == 2)[:, None]
+        # y -> f y (brightness), f y + (1 - f) mean(grey(y)) (contrast), f y + (1 - f) grey(y)
+        # (saturation): y = A x + b becomes M (A x + b) + c
+        M = f[..., None] * eye + (saturation * (1 - f))[..., None] * grey  # [B, 3, 3]
+        mean_grey = (torch.einsum('bij,bj->bi', A, channel_mean) + b) @ grey  # [B]
+        A, b = M @ A, torch.einsum('bij,bj->bi', M, b) + contrast * (1 - f) * mean_grey[:, None]
+    mean, std = x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)  # folded into the map
+    y = torch.baddbmm(((b - mean) / std)[..., None], A / std[:, None], x)  # [B, 3, P]
+    return y.clamp_((-mean / std)[:, None], ((1 - mean) / std)[:, None]).view(B, 3, S, S)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Decode a split once for pre-training: images.npy '
+                                '(uint8 [N, S, S, 3]) and images.json, beside its tokens.npy.')
+    p.add_argument('--data', required=True, help='an ImageFolder root, demo, or a torchvision set')
+    p.add_argument('--split', default='train', choices=SPLITS)
+    p.add_argument('--size', type=int, default=224, help="the ViT's input size [224]")
+    p.add_argument('--out', required=True, help='the token directory of this split')
+    p.add_argument('--data-root', default='data')
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
+    args = p.parse_args(argv)
+    try:
+        rate = write_image_cache(args.data, args.split, args.size, args.out, args.data_root,
+                                 args.workers)
+    except ValueError as e:
+        raise SystemExit(f'data.py: {e}') from None
+    print(f'wrote {args.out}/images.npy at {rate:.0f} images/s')
+
+
+if __name__ == '__main__':
+    main()

@@ -6,6 +6,7 @@ flags' defaults). The objectives and the two-stream ViT are in model.py; this is
     python pretrain.py --objective mapet  # demo: micro ViT, 32 px images, ~4 min on 2 CPUs
     torchrun --nproc_per_node=8 pretrain.py --objective mapet --model base --data /path/imagenet \\
         --tokens tokens/in1k_rn50x64 --accum 4  # ViT-B, batch 2048 = 8 GPUs x 4 x 64
+    python pretrain.py --data synthetic --model base --steps 50  # throughput, no dataset
 
 Writes to --out: ckpt.pt (every --save-every steps; --resume continues it bit for bit),
 backbone.pt (the ViT for finetune.py and probe.py; timm's loads it strictly), log.jsonl, args.json.
@@ -13,8 +14,10 @@ backbone.pt (the ViT for finetune.py and probe.py; timm's loads it strictly), lo
 Tokens come from tokenizer.py (row i = image i; the demo's are made on the first run). A sample's
 colour jitter (key 0), permutation or mask (key 1) and drop path (key 2) are drawn from
 data.seed_for(--seed, epoch, image index, key): any process count, --accum or resume agree.
+With a decoded-image cache (data.py) beside the tokens, the jitter runs on the device instead.
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -62,6 +65,7 @@ def get_args_parser():
                    + ' | '.join(data.TORCHVISION_DATASETS) + ' [demo]')
     g.add_argument('--data-root', default='data', help='where torchvision sets are [data]')
     g.add_argument('--tokens', help=f'tokenizer.py\'s train split dir [demo: {DEMO["tokens"]}]')
+    g.add_argument('--image-cache', help='data.py\'s images.npy dir [--tokens if it has one]')
     g.add_argument('--color-jitter', type=float, default=0.4, help='the only augmentation [0.4]')
     g.add_argument('--workers', type=int, help=f'loader processes per GPU {default("workers")}')
     g = p.add_argument_group('optimisation (Tab. 7)')
@@ -92,9 +96,11 @@ def resolve_args(args):
     for key, value in (DEMO if args.data == 'demo' else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.tokens is None:
+    if args.tokens is None and args.data != 'synthetic':
         raise ValueError(f'--tokens is required for --data {args.data}: run `python tokenizer.py '
                          f'--data {args.data} --split train --out DIR` first, pass --tokens DIR')
+    if args.image_cache is None and os.path.isfile(f'{args.tokens}/images.npy'):
+        args.image_cache = args.tokens  # data.py wrote a decoded-image cache beside the tokens
     training.check_args(args, POSITIVE, RANGES)
     if args.warmup_epochs > args.epochs:
         print0(f'warning: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs '
@@ -106,19 +112,27 @@ def resolve_args(args):
 # Build: data and tokens, the ViT and its objective (Sec. 3, 4.1), AdamW.
 
 def build_data(args, backbone):
-    """The keyed set (epoch, index, image, tokens [N]) and the tokens' meta.json."""
+    """(image, tokens [N]) pairs and the tokens' meta.json; images are uint8 crops, to jitter
+    on the device, when they come from a decoded-image cache."""
+    size, grid = backbone.patch_embed.img_size, backbone.patch_embed.grid
+    if args.data == 'synthetic':
+        pairs = data.SyntheticPairs(size, grid, vocab_size=8192)
+        return pairs, dict(vocab_size=8192, grid=grid, features='random')
+    cache = args.image_cache
     # Sec. 5.1: the tokenizer's crop, then colour jitter only: patch (i, j) is where token (i, j) is
     jitter = [transforms.ColorJitter(*[args.color_jitter] * 3)] if args.color_jitter > 0 else []
-    dataset = data.build_dataset(args.data, 'train', args.data_root, transforms.Compose([
-        data.pretrain_geometry(backbone.patch_embed.img_size), *jitter, transforms.ToTensor(),
-        transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
-    tokens, meta = data.load_tokens(args.tokens, args.data, 'train', len(dataset),
-                                    backbone.patch_embed.grid, patch=backbone.config['patch_size'])
+    pil_path = transforms.Compose([data.pretrain_geometry(size), *jitter, transforms.ToTensor(),
+                                   transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    dataset = data.build_dataset(args.data, 'train', args.data_root, None if cache else pil_path)
+    tokens, meta = data.load_tokens(args.tokens, args.data, 'train', len(dataset), grid,
+                                    patch=backbone.config['patch_size'])
+    if cache:
+        dataset = data.CachedImages(cache, args.data, 'train', size, dataset)
+        print0(f'images from the decoded-image cache {cache}; colour jitter on the device')
     if len(dataset) < args.batch_size:
         raise ValueError(f'{args.data} has {len(dataset)} images, fewer than one --batch-size '
                          f'{args.batch_size}')
-    pairs = data.TokenizedDataset(dataset, tokens, meta.get('skipped', ()))
-    return data.KeyedSet(pairs, args.seed), meta
+    return data.TokenizedDataset(dataset, tokens, meta.get('skipped', ())), meta
 
 
 def build(args, d):
@@ -133,9 +147,10 @@ def build(args, d):
                                   layer_scale=args.layer_scale)
     backbone.fc_norm.requires_grad_(False)
     backbone.grad_checkpointing = args.grad_checkpointing
-    dataset, meta = build_data(args, backbone)
+    pairs, meta = build_data(args, backbone)
     pre = model.Pretrainer(backbone, args.objective, vocab_size=meta['vocab_size'], cut=args.cut,
                            mask_ratio=args.mask_ratio).to(d.device)
+    dataset = data.KeyedSet(pairs, args.seed, sample_draws(pre, args))
     optimizer = torch.optim.AdamW(training.param_groups(pre, args.weight_decay), lr=0.0,
                                   betas=BETAS, eps=EPS, fused=d.device.type == 'cuda')
     scaler = training.grad_scaler(training.resolve_dtype(args.dtype, d.device), d.device)
@@ -151,12 +166,13 @@ def build(args, d):
     return ckpt, pre, dataset, meta, optimizer, scaler
 
 
-def draws(pre, epochs, index, seed, device):
-    """Each sample's permutation or mask (B, N) and drop-path draws (B, depth)."""
-    corrupt = data.per_sample(pre.draw_perm if pre.two_stream else pre.draw_mask, epochs, index,
-                              seed, 1).to(device, non_blocking=True)
-    drop = data.per_sample(pre.draw_drop, epochs, index, seed, 2).to(device, non_blocking=True)
-    return dict(perm=corrupt) if pre.two_stream else dict(mask=corrupt), drop
+def sample_draws(pre, args):
+    """(key, draw) of each sample's randomness, drawn in the loader's workers (data.KeyedSet):
+    its permutation or mask (key 1), drop path (key 2) and, for the uint8 crops of a cache, its
+    colour jitter (key 0: the key under which the PIL path's ColorJitter draws, so the same)."""
+    jitter = functools.partial(data.draw_jitter, strength=args.color_jitter)
+    return [(1, pre.draw_perm if pre.two_stream else pre.draw_mask), (2, pre.draw_drop)] + (
+        [(0, jitter)] if args.image_cache or args.data == 'synthetic' else [])
 
 
 def main(argv=None):
@@ -195,9 +211,12 @@ def train(args, d):
     for step, micro_batches in training.steps(loader, start, s, args.accum, ddp, 'pretrain.py'):
         lr = training.set_lr(optimizer, s, step)
         stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, micro-batches, hits, M
-        for epochs, index, images, tokens in micro_batches:
-            images, tokens = images.to(device), tokens.to(device)
-            corrupt, drop = draws(pre, epochs, index, args.seed, device)
+        for _, _, images, tokens, corrupt, drop, *jitter in micro_batches:
+            images, tokens, corrupt, drop, *jitter = (t.to(device, non_blocking=True) for t in (
+                images, tokens, corrupt, drop, *jitter))
+            if jitter:  # uint8 crops from the image cache: jittered here, batched
+                images = data.color_jitter(images, jitter[0])
+            corrupt = dict(perm=corrupt) if pre.two_stream else dict(mask=corrupt)
             with training.autocast(dtype, device):
                 logits, loss = step_model(images, tokens, **corrupt, drop_draws=drop)  # (B, M, K)
             scaler.scale(loss / args.accum).backward()

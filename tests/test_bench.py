@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench
-from model import Pretrainer, VisionTransformer, build_masks
+from model import OBJECTIVES, Pretrainer, VisionTransformer, build_masks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, CUT, HEADS, DEPTH = 16, 5, 2, 2
@@ -124,10 +124,12 @@ def test_quick_run_writes_the_rows(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     kinds = {r['kind'] for r in rows}
-    assert {'machine', 'matmul', 'step', 'target', 'clip', 'kmeans'} <= kinds
+    assert {'machine', 'matmul', 'step', 'target', 'clip', 'kmeans', 'input'} <= kinds
+    paths = [r['path'] for r in rows if r['kind'] == 'input']
+    assert len(paths) == 4 and paths[0].startswith('JPEG') and paths[-1].startswith('cache +')
+    assert all(r['img_s'] > 0 for r in rows if r['kind'] == 'input')
     steps = {(r['objective'], r['impl']) for r in rows if r['kind'] == 'step'}
-    assert steps == {('mim', 'ours'), ('beit', 'ours'), ('pim', 'ours'), ('mapet', 'ours'),
-                     ('pim', 'naive'), ('mapet', 'naive')}
+    assert steps == {(o, 'ours') for o in OBJECTIVES} | {('pim', 'naive'), ('mapet', 'naive')}
     fields = ('step_ms', 'img_s', 'peak_mem_mb', 'gflop_per_img', 'tflop_s', 'mfu', 'mask_ms',
               'sdpa')
     for r in rows:
@@ -143,10 +145,25 @@ def test_quick_run_writes_the_rows(tmp_path):
     assert 'mapet ours' in run.stdout and 'target: mapet MFU' in run.stdout
 
 
+def test_gpu_check_smoke_test_on_a_cpu(tmp_path):
+    """--gpu-check --quick runs every part of the GPU check at micro scale: fp16 + GradScaler
+    (its loss falls), the end-to-end loop on --data synthetic, the input pipeline."""
+    out = tmp_path / 'gpu.jsonl'
+    run = subprocess.run([sys.executable, 'bench.py', '--gpu-check', '--quick', '--threads', '1',
+                          '--json', str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r['kind']: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows['fp16']['passed'] and rows['fp16']['last_loss'] < rows['fp16']['first_loss'] - 1
+    assert rows['end_to_end']['img_s'] > 0 and rows['step']['objective'] == 'mapet'
+    assert 'input' in rows and 'clip' not in rows
+
+
 @pytest.mark.parametrize('argv, message', [(['--clip-size', '100'], 'multiple of 32'),
                                            (['--batch', '0'], '--batch must be at least 1'),
                                            (['--warmup', '-1'], '--warmup must be at least 0'),
-                                           (['--device', 'tpu'], 'use cpu, or cuda')])
+                                           (['--device', 'tpu'], 'use cpu, or cuda'),
+                                           (['--gpu-check'], 'no GPU is visible')])
 def test_bad_arguments_are_one_line_errors(argv, message):
     with pytest.raises(SystemExit) as error:
         bench.resolve_args(bench.get_args_parser().parse_args(argv))

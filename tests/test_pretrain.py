@@ -176,14 +176,24 @@ def test_each_objective_trains_and_saves_a_loadable_backbone(demo_run, objective
 # Exactness: resume, processes, accumulation
 
 
+def image_path(folder, path, tmp_path):
+    """No flags for the PIL path; for the decoded-image cache, one written now (device jitter)."""
+    if path == 'pil':
+        return []
+    data.write_image_cache(folder[0], 'train', MICRO['img_size'], str(tmp_path / 'cache'))
+    return ['--image-cache', str(tmp_path / 'cache')]
+
+
 @pytest.mark.slow
-def test_resume_is_exact_across_epoch_boundaries(folder, tmp_path):
+@pytest.mark.parametrize('path', ['pil', 'cache'])
+def test_resume_is_exact_across_epoch_boundaries(folder, tmp_path, path):
     """4 steps straight == 2 steps + --resume + 2 steps, 3 steps to an epoch: the resume lands
     mid-epoch and then crosses into the next one; drop path and colour jitter are on. Same losses,
     same weights, same optimizer state, bit for bit."""
-    run_folder(folder, tmp_path / 'straight', '--steps', '4')
-    run_folder(folder, tmp_path / 'split', '--steps', '2')
-    run_folder(folder, tmp_path / 'split', '--steps', '4', '--resume')
+    images = image_path(folder, path, tmp_path)
+    run_folder(folder, tmp_path / 'straight', '--steps', '4', *images)
+    run_folder(folder, tmp_path / 'split', '--steps', '2', *images)
+    run_folder(folder, tmp_path / 'split', '--steps', '4', '--resume', *images)
     straight, split = read_log(tmp_path / 'straight'), read_log(tmp_path / 'split')
     assert [r['step'] for r in straight] == [r['step'] for r in split] == [1, 2, 3, 4]
     assert [r['loss'] for r in straight] == [r['loss'] for r in split]
@@ -211,11 +221,12 @@ def assert_same_run(reference, other, what):
 
 
 @pytest.mark.slow
-def test_two_processes_and_accumulation_match_one_process(folder, tmp_path):
+@pytest.mark.parametrize('path', ['pil', 'cache'])
+def test_two_processes_and_accumulation_match_one_process(folder, tmp_path, path):
     """Global batch 8 as 1 x 8, as 2 processes (torchrun, gloo) x 4, and as 1 x 2 accum x 4, with
     the default drop path 0.1: the same samples, corruptions, drop-path draws and gradients, so
     the same losses and weights up to float order."""
-    common = ['--steps', '4']
+    common = ['--steps', '4', *image_path(folder, path, tmp_path)]
     run_folder(folder, tmp_path / 'one', *common)
     run_folder(folder, tmp_path / 'accum', '--accum', '2', *common)
     root, tokens = folder
@@ -261,20 +272,22 @@ def test_sample_randomness_depends_only_on_seed_epoch_index(folder):
     )
     dataset = data.build_dataset(root, 'train', transform=jitter)
     rows, _ = data.load_tokens(tokens, root, 'train', len(dataset), GRID)
-    items = data.KeyedSet(data.TokenizedDataset(dataset, rows), seed=0)
     pre = model.Pretrainer(model.create_model('micro', depth=3), 'mapet', vocab_size=16)
-    epochs, index = torch.tensor([0, 0, 1, 1]), torch.tensor([3, 5, 3, 5])
-    corrupt, drop = pretrain.draws(pre, epochs, index, 0, 'cpu')
-    halves = [pretrain.draws(pre, epochs[i : i + 2], index[i : i + 2], 0, 'cpu') for i in (0, 2)]
-    assert torch.equal(drop, torch.cat([h[1] for h in halves])) and drop.shape == (4, 3)
-    assert torch.equal(corrupt['perm'], torch.cat([h[0]['perm'] for h in halves]))
-    assert not torch.equal(drop[0], drop[2])  # a new epoch, new draws
+    args = pretrain.get_args_parser().parse_args(['--image-cache', 'x'])
+    items = data.KeyedSet(data.TokenizedDataset(dataset, rows), 0, pretrain.sample_draws(pre, args))
     before = torch.get_rng_state()
-    _, _, image, toks = items[(1, 5)]
+    _, _, image, toks, perm, drop, jitter = items[(1, 5)]
     assert torch.equal(torch.get_rng_state(), before)
-    assert torch.equal(items[(1, 5)][2], image)
-    assert not torch.equal(items[(2, 5)][2], image)  # a new epoch, a new jitter
+    assert perm.shape == (16,) and drop.shape == (3,) and jitter.shape == (7,)
+    again = items[(1, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(again[2:], (image, toks, perm, drop, jitter)))
+    other = items[(2, 5)]  # a new epoch, new draws of every kind
+    assert not any(torch.equal(a, b) for a, b in zip(other[2:], (image, perm, drop, jitter)))
     assert torch.equal(toks, torch.from_numpy(rows[5].astype(np.int64).reshape(-1)))
+    # Each draw is its key's: what the loop used to draw itself with data.per_sample.
+    epoch, index = torch.tensor([1]), torch.tensor([5])
+    for key, draw, drawn in ((1, pre.draw_perm, perm), (2, pre.draw_drop, drop)):
+        assert torch.equal(data.per_sample(draw, epoch, index, 0, key)[0], drawn)
 
 
 # ---------------------------------------------------------------------------------------------
