@@ -1,4 +1,4 @@
-"""The Vision Transformer, the two-stream attention masks, and the four pre-training objectives.
+"""The Vision Transformer, the two-stream attention masks, and the five pre-training objectives.
 
 Paper: Baraldi et al., "Learning to Mask and Permute Visual Tokens for Vision Transformer
 Pre-Training" (MaPeT), Sec. 3-4.1, Fig. 1-2, Eq. 1-3. Every objective predicts the visual token
@@ -8,6 +8,7 @@ of some patches (Sec. 3, "Visual tokens") with a linear classifier over the voca
     beit   as mim, with BEiT's block-wise masking
     pim    patches permuted, the last M predicted one by one by a query stream (Eq. 1, Fig. 1b)
     mapet  pim + position-aware mask tokens of all targets in the content stream (Eq. 2, Fig. 1c)
+    cae    CAE (Sec. 5.1): the ViT encodes the visible half; a regressor + decoder predict the rest
 
 The backbone's state dict is timm's (global_pool='avg', init_values=0.1): a fine-tuned
 checkpoint loads into `timm.create_model('vit_small_patch16_224', ...)` unchanged.
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-OBJECTIVES = ('mim', 'beit', 'pim', 'mapet')
+OBJECTIVES = ('mim', 'beit', 'pim', 'mapet', 'cae')
 
 # The ViT backbone (Sec. 3, "Image patches"), in timm's parameter layout.
 
@@ -326,11 +327,11 @@ class Pretrainer(nn.Module):
     """A ViT with a pre-training objective: forward(images, tokens) -> (logits, loss).
 
     tokens (B, N) or (B, G, G): each patch's visual token, raster order. Drawn when None:
-    mim / beit: `mask` (B, N) bool, True = masked, as many per sample; logits (B, Mm, K) for
-      the masked patches in raster order.
+    mim / beit / cae: `mask` (B, N) bool, True = masked, as many per sample; logits (B, Mm, K)
+      for the masked patches in raster order.
     pim / mapet: `perm` (B, N), patches perm[:, :cut] visible; logits (B, M, K), logits[:, t]
       for patch perm[:, cut + t].
-    drop_draws (B, depth): see DropPath.
+    drop_draws (B, depth; cae: + 2 cae_depth, its regressor and decoder blocks): see DropPath.
     """
 
     def __init__(self, backbone, objective, vocab_size=8192, cut=None, mask_ratio=0.4):
@@ -346,13 +347,25 @@ class Pretrainer(nn.Module):
         # Default: 30% visible, the paper's best reconstruction ratio (Tab. 6: c = 60 of 196).
         self.cut = round(0.3 * N) if cut is None else cut
         check_cut(self.cut, N)
-        # BEiT masks 75 of 196 patches (~0.4); the same ratio scales to other grids.
-        self.num_masked = max(1, min(N - 1, round(mask_ratio * N)))
+        # BEiT masks 75 of 196 patches (~0.4); the same ratio scales to other grids. CAE: 50 %.
+        self.num_masked = max(1, min(N - 1, round((0.5 if objective == 'cae' else mask_ratio) * N)))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.decoder = nn.Linear(D, vocab_size)  # the softmax classifier of Eq. 1-2
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         init_weights(self.decoder)
+        # CAE's regressor and decoder as in the authors' code (Atten4Vis/CAE, cae_base_300e.sh):
+        # 4 + 4 blocks of the encoder's width and heads for ViT-B/L, drop path rising to its rate;
+        # 4 of 12 scales as depth // 3 (micro: 1 + 1).
+        self.cae_depth = max(1, backbone.config['depth'] // 3) if objective == 'cae' else 0
+        if self.cae_depth:
+            c = backbone.config
+            rates = torch.linspace(0, c['drop_path_rate'], self.cae_depth, device='cpu').tolist()
+            self.regressor, self.latent_decoder = (nn.ModuleList(
+                Block(D, c['num_heads'], c['mlp_ratio'], c['layer_scale'], rate) for rate in rates
+            ).apply(init_weights) for _ in range(2))
+            # the encoder's output norm (timm's ViT has none) and the regressor's
+            self.encoder_norm, self.regressor_norm = (nn.LayerNorm(D, eps=1e-6) for _ in range(2))
 
     @property
     def two_stream(self):
@@ -363,13 +376,13 @@ class Pretrainer(nn.Module):
         return torch.rand(batch, self.num_patches, device=device).argsort(dim=1)
 
     def draw_mask(self, batch, device=None):
-        if self.objective == 'beit':
+        if self.objective in ('beit', 'cae'):
             masks = [block_mask(self.grid, self.num_masked) for _ in range(batch)]
             return torch.stack(masks).to(device)
         return random_mask(batch, self.num_patches, self.num_masked, device=device)
 
     def draw_drop(self, batch, device=None):
-        return self.backbone.draw_drop(batch, device)
+        return torch.rand(batch, len(self.backbone.blocks) + 2 * self.cae_depth, device=device)
 
     def forward(self, images, tokens, perm=None, mask=None, drop_draws=None):
         B, device = images.shape[0], images.device
@@ -379,6 +392,11 @@ class Pretrainer(nn.Module):
             hidden = self.forward_two_stream(images, perm, drop_draws)
         else:
             mask = self.draw_mask(B, device) if mask is None else mask
+            counts = mask.sum(dim=1)
+            if not (counts == counts[0]).all() or counts[0] == 0:
+                raise ValueError('every sample must mask the same, non-zero number of patches')
+            if self.objective == 'cae':
+                return self.forward_cae(images, tokens, mask, drop_draws)
             hidden = self.forward_masked(images, mask, drop_draws)
         return self.forward_loss(hidden, self.targets_for(tokens, perm, mask))
 
@@ -395,9 +413,6 @@ class Pretrainer(nn.Module):
 
     def forward_masked(self, images, mask, drop_draws=None):
         """MIM / BEiT (Fig. 1a): corrupted image -> (B, Mm, D) at the masked patches."""
-        counts = mask.sum(dim=1)
-        if not (counts == counts[0]).all() or counts[0] == 0:
-            raise ValueError('every sample must mask the same, non-zero number of patches')
         bb = self.backbone
         patches = bb.patch_embed(images)  # (B, N, D)
         patches = torch.where(mask[..., None], self.mask_token.to(patches.dtype), patches)
@@ -422,6 +437,41 @@ class Pretrainer(nn.Module):
             h, g = bb.run_block(block.two_stream, h, g, both_masks, block_drops)
         # Only g is read by the loss: the last block updates g alone, from h's keys and values.
         return bb.run_block(bb.blocks[-1], g, h, query_mask, drops[-1])
+
+    def forward_cae(self, images, tokens, mask, drop_draws=None):
+        """CAE (Chen et al. 2022, Sec. 3): the encoder sees the visible patches only, a regressor
+        predicts the masked ones' latents, a decoder their tokens -> (logits, CE + 2 x MSE)."""
+        bb, B, D = self.backbone, len(images), self.backbone.embed_dim
+        x = bb.embed(bb.patch_embed(images))  # (B, 1+N, D), positions added
+        pos = bb.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
+        draws, heads = self.cae_drops(B, drop_draws, images.device)
+
+        def encode(keep):  # CLS + the patches `keep` selects -> their latents (B, n, D)
+            x_in = x[torch.cat([keep.new_ones(B, 1), keep], 1)].view(B, -1, D)
+            return self.encoder_norm(bb.run_blocks(x_in, draws)[:, 1:])
+
+        visible, masked_pos = encode(~mask), pos[mask].view(B, -1, D)
+        with torch.no_grad():  # the alignment target: the masked patches alone, encoded
+            target = encode(mask)  # (B, Mm, D)
+        # Queries: mask token + position; keys and values: the visible latents (+ positions, once,
+        # not per block as CAE's code) and, as in CAE, the queries, which hold no masked content.
+        context, q = visible + pos[~mask].view(B, -1, D), self.mask_token + masked_pos
+        for block, block_drops in zip(self.regressor, heads[:self.cae_depth], strict=True):
+            q = bb.run_block(block, q, torch.cat([context, q], 1), None, block_drops)
+        latent = self.regressor_norm(q)  # (B, Mm, D)
+        h = latent + masked_pos  # the decoder: self-attention over the predictions only
+        for block, block_drops in zip(self.latent_decoder, heads[self.cae_depth:], strict=True):
+            h = bb.run_block(block, h, None, None, block_drops)
+        logits, loss = self.forward_loss(h, self.targets_for(tokens, mask=mask))
+        return logits, loss + 2 * F.mse_loss(latent.float(), target.float())
+
+    def cae_drops(self, batch, drop_draws, device):
+        """The encoder's draws (B, depth), a (B,) column per regressor / decoder block; or None."""
+        if not self.training or self.backbone.config['drop_path_rate'] == 0:
+            return None, [None] * 2 * self.cae_depth
+        draws = self.draw_drop(batch, device) if drop_draws is None else drop_draws
+        depth = len(self.backbone.blocks)
+        return draws[:, :depth], draws[:, depth:].unbind(1)
 
     def forward_loss(self, hidden, targets):
         """Eq. 1-2: hidden (B, M, D) -> (logits (B, M, K), cross-entropy with targets (B, M))."""

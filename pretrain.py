@@ -1,4 +1,4 @@
-"""Pre-train a ViT to predict the visual tokens of its patches: MIM, BEiT, PIM or MaPeT.
+"""Pre-train a ViT to predict the visual tokens of its patches: MIM, BEiT, PIM, MaPeT or CAE.
 
 Paper: Sec. 3 (MIM, PIM), Sec. 4.1 (MaPeT), Sec. 5.1 and Tab. 7 (the recipe: PAPER below and the
 flags' defaults). The objectives and the two-stream ViT are in model.py; this is the loop.
@@ -53,7 +53,7 @@ def get_args_parser():
         return f'[{"paper" if key in paper else "default"}: {PAPER[key]}; demo: {DEMO[key]}]'
     g = p.add_argument_group('objective and model')
     g.add_argument('--objective', default='mapet', choices=model.OBJECTIVES,
-                   help='mim, beit (block mask), pim, mapet (the paper\'s) [mapet]')
+                   help='mim, beit (block mask), pim, mapet (the paper\'s), cae [mapet]')
     g.add_argument('--model', choices=list(model.MODEL_CONFIGS), help=default('model'))
     g.add_argument('--cut', type=int, help='pim/mapet: visible patches [0.3 N, Tab. 6]')
     g.add_argument('--mask-ratio', type=float, default=0.4, help='mim/beit: masked fraction [0.4]')
@@ -252,8 +252,8 @@ def train(args, d):
 
 
 def token_info(args, meta):
-    return dict(dir=os.path.realpath(args.tokens), vocab_size=meta['vocab_size'], grid=meta['grid'],
-                features=meta.get('features'))
+    return dict(dir=args.tokens and os.path.realpath(args.tokens), vocab_size=meta['vocab_size'],
+                grid=meta['grid'], features=meta.get('features'))
 
 
 def summary(args, pre, meta, s, start, final, overflows, seconds, d):

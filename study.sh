@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The demo study: a small Tab. 1-2 on the built-in demo data, over seeds (README "Demo study").
 #
-# Per seed, at the quick start's budget: pre-trains mim, beit, pim and mapet; linear-probes each,
-# a random backbone and the raw pixels; fine-tunes the mapet backbone and a random one for the
-# quick start's 4 epochs, and a random one for 12 (the supervised ceiling). Then the table of
+# Per seed, at the quick start's budget: pre-trains mim, beit, pim, mapet and cae; linear-probes
+# each, a random backbone and the raw pixels; fine-tunes the mapet backbone and a random one for
+# the quick start's 4 epochs, and a random one for 12 (the supervised ceiling). Then the table of
 # mean +- std over the seeds. ~21 min per seed on 2 CPU cores.
 #
 #     bash study.sh                  # seeds 0 1 2, in runs/study
@@ -18,13 +18,13 @@ rm -f "$RESULTS"
 
 for seed in $SEEDS; do
     dir=$OUT/seed$seed
-    for objective in mim beit pim mapet; do
+    for objective in mim beit pim mapet cae; do
         if [ ! -f "$dir/pretrain_$objective/backbone.pt" ]; then
             rm -rf "$dir/pretrain_$objective"
             python pretrain.py --objective "$objective" --seed "$seed" --out "$dir/pretrain_$objective"
         fi
     done
-    for checkpoint in none pixels "$dir"/pretrain_{mim,beit,pim,mapet}/backbone.pt; do
+    for checkpoint in none pixels "$dir"/pretrain_{mim,beit,pim,mapet,cae}/backbone.pt; do
         python probe.py --checkpoint "$checkpoint" --seed "$seed" --results "$RESULTS"
     done
     for run in scratch:none:4 mapet:"$dir/pretrain_mapet/backbone.pt":4 ceiling:none:12; do
@@ -36,8 +36,8 @@ for seed in $SEEDS; do
 done
 
 first=${SEEDS%% *}  # the curves of the first seed
-python visualize.py curves "$OUT/seed$first"/pretrain_{mim,beit,pim,mapet}/log.jsonl \
-    --labels mim,beit,pim,mapet --out "$OUT"
+python visualize.py curves "$OUT/seed$first"/pretrain_{mim,beit,pim,mapet,cae}/log.jsonl \
+    --labels mim,beit,pim,mapet,cae --out "$OUT"
 
 python - "$RESULTS" <<'EOF'
 import collections, json, os, statistics, sys

@@ -355,7 +355,7 @@ def cmd_curves(args):
     finals = [(f'{label}: loss {r[-1, 1]:.3f}, token accuracy {r[-1, 2]:.1%}, step {r[-1, 0]:.0f}',
                c) for label, r, c in zip(labels, runs, colours)]
     return [save(args.out, 'curves.png', body, 'Pre-training curves', 'token accuracy: over the '
-                 'masked patches (mim, beit) or the targets (pim, mapet)', *finals)]
+                 'masked patches (mim, beit, cae) or the targets (pim, mapet)', *finals)]
 
 
 # predictions: a pre-trained model's tokens for one image's targets (Eq. 1-2).
@@ -381,8 +381,8 @@ def predict(pre, image, tokens, seed):
         perm = torch.randperm(N, generator=g)[None]  # (1, N)
         kw, order = {'perm': perm}, perm[0, pre.cut:]
     else:
-        mask = (model.block_mask(pre.grid, pre.num_masked, generator=g)[None] if pre.objective ==
-                'beit' else model.random_mask(1, N, pre.num_masked, generator=g))  # (1, N)
+        mask = (model.block_mask(pre.grid, pre.num_masked, generator=g)[None] if pre.objective in
+                ('beit', 'cae') else model.random_mask(1, N, pre.num_masked, generator=g))
         kw, order = {'mask': mask}, mask[0].nonzero()[:, 0]
     with torch.no_grad():
         prob = pre(image[None], tokens, **kw)[0][0].softmax(-1)  # (M, K)
