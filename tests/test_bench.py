@@ -126,7 +126,8 @@ def test_quick_run_writes_the_rows(tmp_path):
     kinds = {r['kind'] for r in rows}
     assert {'machine', 'matmul', 'step', 'target', 'clip', 'kmeans', 'input'} <= kinds
     paths = [r['path'] for r in rows if r['kind'] == 'input']
-    assert len(paths) == 4 and paths[0].startswith('JPEG') and paths[-1].startswith('cache +')
+    assert len(paths) == 5 and paths[0].startswith('JPEG')
+    assert paths[-1].startswith('cache: loader +')
     assert all(r['img_s'] > 0 for r in rows if r['kind'] == 'input')
     steps = {(r['objective'], r['impl']) for r in rows if r['kind'] == 'step'}
     assert steps == {(o, 'ours') for o in OBJECTIVES} | {('pim', 'naive'), ('mapet', 'naive')}
