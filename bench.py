@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision import transforms
 
 import clip_model
 import data
@@ -321,12 +320,9 @@ def input_speed(args, device):
     (b) writing the cache; (c) a loader process on the cache: uint8 crops and the jitter draws
     (data.KeyedSet); (d) data.color_jitter on the device; (e) (c) and (d) in one process."""
     size, n, batch = MODEL_CONFIGS[args.model]['img_size'], 8 if args.quick else 48, 64
-    pil = transforms.Compose([data.pretrain_geometry(size), transforms.ColorJitter(0.4, 0.4, 0.4),
-                              transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN,
-                                                                          data.IMAGENET_STD)])
     with tempfile.TemporaryDirectory() as root:
         imagenet_like_jpegs(root, n)
-        folder = data.build_dataset(root, 'train', transform=pil)
+        folder = data.build_dataset(root, 'train', transform=pretrain.pil_transform(size, 0.4))
         jpeg = n / median(seconds(lambda: [folder[i] for i in range(n)]) for _ in range(2))
         write = data.write_image_cache(root, 'train', size, root)
         jitter = functools.partial(data.draw_jitter, strength=0.4)

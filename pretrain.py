@@ -119,11 +119,8 @@ def build_data(args, backbone):
         pairs = data.SyntheticPairs(size, grid, vocab_size=8192)
         return pairs, dict(vocab_size=8192, grid=grid, features='random')
     cache = args.image_cache
-    # Sec. 5.1: the tokenizer's crop, then colour jitter only: patch (i, j) is where token (i, j) is
-    jitter = [transforms.ColorJitter(*[args.color_jitter] * 3)] if args.color_jitter > 0 else []
-    pil_path = transforms.Compose([data.pretrain_geometry(size), *jitter, transforms.ToTensor(),
-                                   transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
-    dataset = data.build_dataset(args.data, 'train', args.data_root, None if cache else pil_path)
+    dataset = data.build_dataset(args.data, 'train', args.data_root,
+                                 None if cache else pil_transform(size, args.color_jitter))
     tokens, meta = data.load_tokens(args.tokens, args.data, 'train', len(dataset), grid,
                                     patch=backbone.config['patch_size'])
     if cache:
@@ -133,6 +130,14 @@ def build_data(args, backbone):
         raise ValueError(f'{args.data} has {len(dataset)} images, fewer than one --batch-size '
                          f'{args.batch_size}')
     return data.TokenizedDataset(dataset, tokens, meta.get('skipped', ())), meta
+
+
+def pil_transform(size, color_jitter):
+    """Sec. 5.1: the tokenizer's crop, then colour jitter only: patch (i, j) is where token (i, j)
+    is. Per image on a loader core; a decoded-image cache jitters on the device instead."""
+    jitter = [transforms.ColorJitter(*[color_jitter] * 3)] if color_jitter > 0 else []
+    return transforms.Compose([data.pretrain_geometry(size), *jitter, transforms.ToTensor(),
+                               transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
 def build(args, d):
