@@ -342,16 +342,19 @@ class TokenizedDataset(Dataset):
 # Token files: <dir>/tokens.npy (uint16 [images, G, G]), codebook.npy (float32 [K, C]), meta.json.
 
 
+def write_atomic(path, write):
+    """write(f) into path.tmp, then rename: a kill never leaves a torn file."""
+    with open(path + '.tmp', 'wb') as f:
+        write(f)
+    os.replace(path + '.tmp', path)
+
+
 def write_tokens(out_dir, tokens, codebook, meta):
-    """A kill never leaves a torn file."""
     os.makedirs(out_dir, exist_ok=True)
     for name, write in (('tokens.npy', lambda f: np.save(f, tokens.astype(np.uint16))),
                         ('codebook.npy', lambda f: np.save(f, codebook.astype(np.float32))),
                         ('meta.json', lambda f: f.write(json.dumps(meta, indent=1).encode()))):
-        path = os.path.join(out_dir, name)
-        with open(path + '.tmp', 'wb') as f:
-            write(f)
-        os.replace(path + '.tmp', path)
+        write_atomic(os.path.join(out_dir, name), write)
 
 
 def load_tokens(token_dir, dataset_name, split, num_images, grid, vocab_size=None, patch=None):
@@ -427,9 +430,7 @@ def write_image_cache(name, split, size, out_dir, root='data', workers=0):
     os.replace(path + '.tmp', path)
     meta = dict(dataset=dataset_id(name), split=split, size=size, num_images=len(dataset),
                 files=fingerprint(dataset), skipped=sorted(set(range(len(dataset))) - seen))
-    with open(os.path.join(out_dir, 'images.json.tmp'), 'w') as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(out_dir, 'images.json.tmp'), os.path.join(out_dir, 'images.json'))
+    write_atomic(os.path.join(out_dir, 'images.json'), lambda f: f.write(json.dumps(meta).encode()))
     return len(dataset) / (time.perf_counter() - start)
 
 
