@@ -1,13 +1,25 @@
-"""What several test files share: a small ImageFolder of demo pictures with its pixel tokens."""
+"""What several test files share: one thread for tiny models, and a small ImageFolder of demo
+pictures with its pixel tokens."""
 
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 import data
 import model
 import tokenizer
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than on several fighting for shared cores (seconds,
+    not tenths, on a loaded machine). Used by a file's `pytestmark = usefixtures('one_thread')`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')

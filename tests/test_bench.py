@@ -16,13 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, CUT, HEADS, DEPTH = 16, 5, 2, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only contend (seconds, not tenths, on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_pretrainer(objective, drop_path):

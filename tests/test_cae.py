@@ -16,12 +16,7 @@ from test_model import patch_pixel_grads, small_vit
 from test_pretrain import FAST, ROOT, assert_same_run, read_log, run_folder, state_of
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def perturbed(pre):

@@ -13,13 +13,7 @@ import model
 from model import Pretrainer, VisionTransformer, block_mask, build_masks, random_mask
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tensors this small run faster on one thread than on several fighting for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def small_vit(depth=2, **kw):
